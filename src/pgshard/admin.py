@@ -1,0 +1,202 @@
+"""The only place that issues CREATE / DROP / ALTER DATABASE.
+
+Every database pgshard creates carries an ownership marker (a COMMENT starting with ``pgshard:``, holding
+the host, pid, start time and run id of its creator). Nothing without that marker and our name prefix is
+ever dropped or altered: that is the guarantee that pgshard cannot lose a user's data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import socket
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+
+import psycopg
+from psycopg import sql
+
+from pgshard.server.info import ServerError, connect
+
+MARKER_PREFIX = "pgshard:"
+_NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
+
+
+class NotOurs(RuntimeError):
+    """Refused to touch a database pgshard did not create."""
+
+
+@dataclass(frozen=True)
+class Marker:
+    kind: str  # "template", "build", "clone"
+    run: str = ""
+    host: str = field(default_factory=socket.gethostname)
+    pid: int = field(default_factory=os.getpid)
+    started: float = field(default_factory=time.time)
+    fingerprint: str = ""
+
+    def render(self) -> str:
+        return MARKER_PREFIX + json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def parse(cls, comment: str | None) -> Marker | None:
+        if not comment or not comment.startswith(MARKER_PREFIX):
+            return None
+        try:
+            data = json.loads(comment[len(MARKER_PREFIX):])
+            return cls(**{k: data[k] for k in ("kind", "run", "host", "pid", "started", "fingerprint") if k in data})
+        except (ValueError, TypeError):
+            return None
+
+
+@dataclass(frozen=True)
+class DatabaseInfo:
+    name: str
+    marker: Marker | None
+    is_template: bool
+    allow_connections: bool
+    size_bytes: int
+    connections: int
+
+
+def check_name(name: str) -> str:
+    if not _NAME.match(name):
+        raise ValueError(f"invalid database name {name!r}: lowercase letters, digits and _, at most 63")
+    return name
+
+
+def lock_key(text: str) -> int:
+    """A stable signed 64-bit advisory-lock key for a string."""
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big", signed=True)
+
+
+class Admin:
+    """Admin work over one autocommit connection to the maintenance database."""
+
+    def __init__(self, url: str, prefix: str) -> None:
+        self.url = url
+        self.prefix = prefix
+        self._conn: psycopg.Connection | None = None
+
+    @property
+    def conn(self) -> psycopg.Connection:
+        if self._conn is None or self._conn.closed:
+            self._conn = connect(self.url)
+        return self._conn
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def __enter__(self) -> Admin:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- reading -----------------------------------------------------------------------------
+    def databases(self, name_like: str | None = None) -> list[DatabaseInfo]:
+        """pgshard's databases on this server (by prefix), with their markers."""
+        pattern = (name_like or self.prefix).replace("\\", "\\\\").replace("_", "\\_").replace("%", "\\%") + "%"
+        rows = self.conn.execute(
+            """SELECT d.datname, shobj_description(d.oid, 'pg_database'), d.datistemplate, d.datallowconn,
+                      pg_database_size(d.oid),
+                      (SELECT count(*) FROM pg_stat_activity a WHERE a.datid = d.oid)
+               FROM pg_database d WHERE d.datname LIKE %s ORDER BY d.datname""",
+            (pattern,),
+        ).fetchall()
+        return [DatabaseInfo(r[0], Marker.parse(r[1]), r[2], r[3], int(r[4]), int(r[5])) for r in rows]
+
+    def info(self, name: str) -> DatabaseInfo | None:
+        found = [d for d in self.databases(name) if d.name == name]
+        return found[0] if found else None
+
+    def exists(self, name: str) -> bool:
+        return self.conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone() is not None
+
+    def setting(self, name: str) -> str:
+        row = self.conn.execute("SELECT current_setting(%s)", (name,)).fetchone()
+        assert row is not None
+        return str(row[0])
+
+    # -- writing (our databases only) ----------------------------------------------------------
+    def _ours(self, name: str) -> DatabaseInfo:
+        check_name(name)
+        found = self.info(name)
+        if found is None:
+            raise NotOurs(f"database {name} does not exist")
+        if not name.startswith(self.prefix) or found.marker is None:
+            raise NotOurs(f"database {name} was not created by pgshard (no ownership marker); left untouched")
+        return found
+
+    def create(self, name: str, marker: Marker, *, template: str | None = None, strategy: str | None = None) -> float:
+        """CREATE DATABASE (from ``template`` when given) and mark it ours. Returns seconds taken."""
+        check_name(name)
+        if not name.startswith(self.prefix):
+            raise ValueError(f"database name {name} must start with the prefix {self.prefix}")
+        query = sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name))
+        if template:
+            query += sql.SQL(" TEMPLATE {}").format(sql.Identifier(template))
+            if strategy:
+                query += sql.SQL(" STRATEGY {}").format(sql.SQL(strategy))
+        started = time.perf_counter()
+        try:
+            self.conn.execute(query)
+        except psycopg.errors.ObjectInUse as exc:
+            raise ServerError(f"cannot clone {template}: someone is connected to it ({exc.diag.message_detail or exc})"
+                              ) from None
+        self.mark(name, marker)
+        return time.perf_counter() - started
+
+    def mark(self, name: str, marker: Marker) -> None:
+        self.conn.execute(sql.SQL("COMMENT ON DATABASE {} IS {}").format(sql.Identifier(name),
+                                                                         sql.Literal(marker.render())))
+
+    def drop(self, name: str, *, force: bool = False) -> bool:
+        """Drop one of our databases; False when it is already gone."""
+        try:
+            found = self._ours(name)
+        except NotOurs:
+            if not self.exists(name):
+                return False
+            raise
+        if found.is_template:
+            self.conn.execute(sql.SQL("ALTER DATABASE {} WITH IS_TEMPLATE false").format(sql.Identifier(name)))
+        query = sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name))
+        if force:
+            query += sql.SQL(" WITH (FORCE)")
+        self.conn.execute(query)
+        return True
+
+    def rename(self, old: str, new: str) -> None:
+        self._ours(old)
+        check_name(new)
+        self.conn.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(old), sql.Identifier(new)))
+
+    def seal(self, name: str) -> None:
+        """Make it a template nobody can connect to (a connection would block every clone)."""
+        self._ours(name)
+        self.conn.execute(sql.SQL("ALTER DATABASE {} WITH IS_TEMPLATE true ALLOW_CONNECTIONS false")
+                          .format(sql.Identifier(name)))
+
+    def terminate(self, name: str) -> None:
+        """End the sessions left on one of our databases (e.g. by a migration's own engine)."""
+        self._ours(name)
+        self.conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                          "WHERE datname = %s AND pid <> pg_backend_pid()", (name,))
+
+    @contextlib.contextmanager
+    def advisory_lock(self, key: str) -> Iterator[None]:
+        """A server-wide lock (session level): serialises runs on different machines sharing a server."""
+        number = lock_key(key)
+        self.conn.execute("SELECT pg_advisory_lock(%s)", (number,))
+        try:
+            yield
+        finally:
+            if not self.conn.closed:
+                self.conn.execute("SELECT pg_advisory_unlock(%s)", (number,))

@@ -1,0 +1,200 @@
+"""Per-worker and per-test databases: naming, the pre-warmed pool for db_commit tests, stale cleanup.
+
+Names are deterministic (prefix, run id, worker id) so a worker can point the app's env vars at its
+database before the database exists, and so two overlapping runs can never collide.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+
+from pgshard.admin import Admin, Marker
+from pgshard.server.embedded import pid_alive
+from pgshard.server.info import ServerInfo
+from pgshard.settings import mask_url
+from pgshard.template import database_url
+
+
+@dataclass(frozen=True)
+class Database:
+    """A database of this run: what the ``pg_database`` fixture hands out."""
+
+    name: str
+    url: str  # SQLAlchemy URL, psycopg driver
+
+    @property
+    def masked_url(self) -> str:
+        return mask_url(self.url)
+
+    def __str__(self) -> str:
+        return self.masked_url
+
+
+def clone_strategy(server: ServerInfo) -> str | None:
+    """FILE_COPY is twice as fast when fsync is off (no WAL to write); it does a checkpoint otherwise."""
+    if server.major < 15:
+        return None
+    return "WAL_LOG" if server.fsync else "FILE_COPY"
+
+
+def worker_database_name(prefix: str, run_id: str, worker_id: str) -> str:
+    return f"{prefix}_{run_id}_{worker_id}".lower()
+
+
+@dataclass
+class CloneTimes:
+    worker_clone: float = 0.0
+    commit_clones: list[float] = field(default_factory=list)
+    commit_waits: list[float] = field(default_factory=list)
+
+
+class Clones:
+    """Creates this worker's clones of the template, keeps a pool warm, and drops them all at the end."""
+
+    def __init__(self, admin_url: str, server: ServerInfo, template: str, *, prefix: str, run_id: str,
+                 worker_id: str, pool_size: int = 2) -> None:
+        self.server = server
+        self.template = template
+        self.prefix = prefix
+        self.run_id = run_id
+        self.worker_id = worker_id
+        self.pool_size = pool_size
+        self.admin = Admin(admin_url, prefix)
+        self.times = CloneTimes()
+        self.created: list[str] = []
+        self._counter = 0
+        self._names_lock = threading.Lock()
+        self._ready: queue.Queue[Database] = queue.Queue()
+        self._to_drop: queue.Queue[str] = queue.Queue()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._pool_error: BaseException | None = None
+
+    def _marker(self) -> Marker:
+        return Marker("clone", self.run_id)
+
+    def _database(self, name: str) -> Database:
+        return Database(name, database_url(self.server.url, name))
+
+    def _clone(self, admin: Admin, name: str) -> float:
+        seconds = admin.create(name, self._marker(), template=self.template, strategy=clone_strategy(self.server))
+        with self._names_lock:
+            self.created.append(name)
+        return seconds
+
+    def worker_database(self) -> Database:
+        name = worker_database_name(self.prefix, self.run_id, self.worker_id)
+        if self.admin.exists(name):  # same run id reused (e.g. a rerun in one process): start clean
+            self.admin.drop(name, force=True)
+        self.times.worker_clone = self._clone(self.admin, name)
+        return self._database(name)
+
+    # -- db_commit pool ----------------------------------------------------------------------------
+    def _next_name(self) -> str:
+        with self._names_lock:
+            self._counter += 1
+            return f"{worker_database_name(self.prefix, self.run_id, self.worker_id)}_t{self._counter}"
+
+    def start_pool(self) -> None:
+        """Start filling the pool in the background (idempotent)."""
+        if self._thread is None and self.pool_size > 0:
+            self._thread = threading.Thread(target=self._pool_loop, name="pgshard-clone-pool", daemon=True)
+            self._thread.start()
+
+    def _pool_loop(self) -> None:
+        admin = Admin(self.admin.url, self.prefix)
+        try:
+            while not self._stop.is_set():
+                worked = False
+                with contextlib.suppress(queue.Empty):
+                    name = self._to_drop.get_nowait()
+                    admin.drop(name, force=True)
+                    worked = True
+                if not worked and self._ready.qsize() < self.pool_size:
+                    name = self._next_name()
+                    self.times.commit_clones.append(self._clone(admin, name))
+                    self._ready.put(self._database(name))
+                    worked = True
+                if not worked:
+                    self._wake.wait(0.5)
+                    self._wake.clear()
+        except BaseException as exc:  # surfaced to the next take()
+            self._pool_error = exc
+        finally:
+            admin.close()
+
+    def take(self) -> Database:
+        """A fresh clone for one db_commit test: from the pool when one is ready, else made now."""
+        self.start_pool()
+        started = time.perf_counter()
+        if self._pool_error is not None or self._thread is None:
+            name = self._next_name()
+            self._clone(self.admin, name)
+            database = self._database(name)
+        else:
+            try:
+                database = self._ready.get(timeout=30)
+            except queue.Empty:
+                raise RuntimeError("pgshard: the db_commit clone pool produced nothing in 30 s") from None
+        self.times.commit_waits.append(time.perf_counter() - started)
+        self._wake.set()
+        return database
+
+    def give_back(self, database: Database) -> None:
+        """Drop a used db_commit clone in the background (its test's connections may linger)."""
+        self._to_drop.put(database.name)
+        self._wake.set()
+
+    def close(self, keep: bool = False) -> list[Database]:
+        """Stop the pool and drop every clone this worker made (unless ``keep``); returns the kept ones."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=60)
+        with self._names_lock:
+            names = list(self.created)
+        kept: list[Database] = []
+        for name in names:
+            if not self.admin.exists(name):
+                continue
+            if keep:
+                self.admin.mark(name, Marker("kept", self.run_id))
+                kept.append(self._database(name))
+            else:
+                self.admin.drop(name, force=True)
+        self.admin.close()
+        return kept
+
+
+def stale_databases(admin: Admin, ttl_hours: float, now: float | None = None) -> list[str]:
+    """Clones and half-built templates whose creator is gone: a dead pid on this host, or older than
+    the TTL on another host. Templates and kept clones are never stale; unmarked databases never ours."""
+    now = time.time() if now is None else now
+    host = socket.gethostname()
+    stale = []
+    for db in admin.databases():
+        marker = db.marker
+        if marker is None or marker.kind not in ("clone", "build") or not db.name.startswith(admin.prefix):
+            continue
+        if marker.host == host:
+            if not pid_alive(marker.pid):
+                stale.append(db.name)
+        elif now - marker.started > ttl_hours * 3600:
+            stale.append(db.name)
+    return stale
+
+
+def drop_stale(admin: Admin, ttl_hours: float) -> list[str]:
+    dropped = []
+    for name in stale_databases(admin, ttl_hours):
+        with contextlib.suppress(Exception):
+            if admin.drop(name, force=True):
+                dropped.append(name)
+    return dropped

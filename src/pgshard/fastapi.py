@@ -1,0 +1,47 @@
+"""FastAPI integration: the app's session dependency yields the test's session."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+
+@contextlib.contextmanager
+def override_dependency(app: Any, dependency: Callable[..., Any] | None, value: Any) -> Iterator[None]:
+    """``app.dependency_overrides[dependency]`` yields ``value`` for a block; restored after."""
+    if dependency is None:
+        yield
+        return
+    overrides = app.dependency_overrides
+    had, previous = dependency in overrides, overrides.get(dependency)
+
+    def _yield_value() -> Iterator[Any]:
+        yield value
+
+    async def _yield_value_async() -> AsyncIterator[Any]:
+        yield value
+
+    import inspect
+
+    is_async = inspect.isasyncgenfunction(dependency) or inspect.iscoroutinefunction(dependency)
+    overrides[dependency] = _yield_value_async if is_async else _yield_value
+    try:
+        yield
+    finally:
+        if had:
+            overrides[dependency] = previous
+        else:
+            overrides.pop(dependency, None)
+
+
+def make_client(app: Any) -> Any:
+    from fastapi.testclient import TestClient
+
+    return TestClient(app)
+
+
+def make_async_client(app: Any) -> Any:
+    import httpx
+
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")

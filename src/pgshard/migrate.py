@@ -1,0 +1,250 @@
+"""How a template gets its schema and seed data: the ``Migrator`` protocol and its five kinds.
+
+A migrator is two methods, as in pgtestdb: ``fingerprint()`` (a hash of everything that decides the
+resulting schema, so an unchanged schema is never migrated twice) and ``apply(url)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import inspect
+import os
+import shlex
+import subprocess
+import sys
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+from pgshard.settings import SettingsError, import_object, mask_url
+
+KINDS = ("alembic", "metadata", "sql", "python", "command")
+
+
+@runtime_checkable
+class Migrator(Protocol):
+    spec: str
+
+    def fingerprint(self) -> str: ...
+
+    def apply(self, url: str) -> None: ...
+
+
+class MigrationError(RuntimeError):
+    """A template build step failed; the message names the pgshard_migrate line."""
+
+    def __init__(self, spec: str, cause: BaseException | str) -> None:
+        reason = cause if isinstance(cause, str) else f"{type(cause).__name__}: {cause}"
+        reason = " ".join(str(reason).split())
+        if len(reason) > 500:
+            reason = reason[:500] + " ..."
+        super().__init__(mask_url(f"pgshard_migrate step '{spec}' failed: {reason}"))
+        self.spec = spec
+
+
+def _sha(*parts: bytes | str) -> str:
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(part.encode() if isinstance(part, str) else part)
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
+def _hash_tree(root: Path, suffixes: Sequence[str] | None = None) -> str:
+    parts: list[bytes | str] = []
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
+        if suffixes is None or path.suffix in suffixes:
+            parts += [str(path.relative_to(root)), path.read_bytes()]
+    return _sha(*parts)
+
+
+@contextlib.contextmanager
+def _chdir(path: Path) -> Iterator[None]:
+    old = Path.cwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(old)
+
+
+@dataclass
+class AlembicMigrator:
+    """``alembic:alembic.ini`` (optionally ``alembic:alembic.ini@revision``): in-process upgrade."""
+
+    spec: str
+    ini: Path
+    revision: str = "head"
+
+    def _config(self, url: str | None = None) -> Any:
+        from alembic.config import Config
+
+        config = Config(str(self.ini))
+        if url is not None:
+            config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+        return config
+
+    def fingerprint(self) -> str:
+        from alembic.script import ScriptDirectory
+
+        with _chdir(self.ini.parent):
+            script = ScriptDirectory.from_config(self._config())
+            return _sha(self.ini.read_bytes(), _hash_tree(Path(script.dir), (".py", ".sql")), self.revision)
+
+    def apply(self, url: str) -> None:
+        from alembic import command
+
+        with _chdir(self.ini.parent):
+            command.upgrade(self._config(url), self.revision)
+
+
+@dataclass
+class MetadataMigrator:
+    """``metadata:pkg.models:Base``: ``create_all`` of a declarative base or a MetaData."""
+
+    spec: str
+    target: str
+
+    def _metadata(self) -> Any:
+        from sqlalchemy import MetaData
+
+        obj = import_object(self.target, f"pgshard_migrate line '{self.spec}'")
+        metadata = obj if isinstance(obj, MetaData) else getattr(obj, "metadata", None)
+        if not isinstance(metadata, MetaData):
+            raise SettingsError(f"pgshard_migrate line '{self.spec}': {self.target} is not a MetaData "
+                                "nor a class with .metadata")
+        return metadata
+
+    def fingerprint(self) -> str:
+        from sqlalchemy.dialects import postgresql
+        from sqlalchemy.schema import CreateIndex, CreateTable
+
+        dialect = postgresql.dialect()
+        parts: list[bytes | str] = []
+        for table in self._metadata().sorted_tables:
+            parts.append(str(CreateTable(table).compile(dialect=dialect)))
+            parts += sorted(str(CreateIndex(index).compile(dialect=dialect)) for index in table.indexes)
+        return _sha(*parts)
+
+    def apply(self, url: str) -> None:
+        from sqlalchemy import create_engine
+        from sqlalchemy.pool import NullPool
+
+        engine = create_engine(url, poolclass=NullPool)
+        try:
+            self._metadata().create_all(engine)
+        finally:
+            engine.dispose()
+
+
+@dataclass
+class SqlMigrator:
+    """``sql:migrations/`` (every ``*.sql`` in name order) or ``sql:schema.sql``."""
+
+    spec: str
+    path: Path
+
+    def files(self) -> list[Path]:
+        if self.path.is_file():
+            return [self.path]
+        if not self.path.is_dir():
+            raise SettingsError(f"pgshard_migrate line '{self.spec}': {self.path} does not exist")
+        return sorted(self.path.glob("*.sql"))
+
+    def fingerprint(self) -> str:
+        return _sha(*[part for f in self.files() for part in (f.name, f.read_bytes())])
+
+    def apply(self, url: str) -> None:
+        import psycopg
+
+        from pgshard.server.info import to_libpq
+
+        with psycopg.connect(to_libpq(url)) as conn:
+            for file in self.files():
+                try:
+                    conn.execute(file.read_text())  # no parameters: several statements per call are fine
+                except psycopg.Error as exc:
+                    raise MigrationError(self.spec, f"{file.name}: {exc}") from None
+                conn.commit()
+
+
+@dataclass
+class PythonMigrator:
+    """``python:pkg.seed:main``: called with the template's SQLAlchemy URL."""
+
+    spec: str
+    target: str
+
+    def _callable(self) -> Callable[[str], object]:
+        func = import_object(self.target, f"pgshard_migrate line '{self.spec}'")
+        if not callable(func):
+            raise SettingsError(f"pgshard_migrate line '{self.spec}': {self.target} is not callable")
+        return func  # type: ignore[no-any-return]
+
+    def fingerprint(self) -> str:
+        func = self._callable()
+        extra = getattr(func, "pgshard_fingerprint", "")
+        try:
+            source = Path(inspect.getfile(func)).read_bytes()  # the whole module: helpers count too
+        except (TypeError, OSError):
+            source = self.target.encode()
+        return _sha(source, str(extra))
+
+    def apply(self, url: str) -> None:
+        self._callable()(url)
+
+
+@dataclass
+class CommandMigrator:
+    """``command:python scripts/seed.py``: run with pgshard_env pointing at the template."""
+
+    spec: str
+    command: str
+    cwd: Path
+    env: Mapping[str, str] | None = None
+
+    def fingerprint(self) -> str:
+        parts: list[bytes | str] = [self.command]
+        for arg in shlex.split(self.command):
+            candidate = self.cwd / arg
+            if candidate.is_file():
+                parts.append(candidate.read_bytes())
+        return _sha(*parts)
+
+    def apply(self, url: str) -> None:
+        env = {**os.environ, **(self.env or {}), "PGSHARD_TEMPLATE_URL": url}
+        args = shlex.split(self.command)
+        if args and args[0] == "python":
+            args[0] = sys.executable
+        proc = subprocess.run(args, cwd=self.cwd, env=env, capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["(no output)"]
+            raise MigrationError(self.spec, f"exit {proc.returncode}: {tail[0]}")
+
+
+def parse_migrators(lines: Sequence[str], rootdir: Path) -> list[Migrator]:
+    """Turn ``pgshard_migrate`` lines into migrators; a bad line is one error naming it."""
+    migrators: list[Migrator] = []
+    for line in lines:
+        kind, sep, arg = line.partition(":")
+        kind, arg = kind.strip(), arg.strip()
+        if not sep or kind not in KINDS or not arg:
+            raise SettingsError(f"pgshard_migrate line {line!r} must be one of: alembic:alembic.ini, "
+                                "metadata:pkg.models:Base, sql:dir/, python:pkg.mod:func, command:...")
+        if kind == "alembic":
+            path, _, revision = arg.partition("@")
+            ini = (rootdir / path).resolve()
+            if not ini.is_file():
+                raise SettingsError(f"pgshard_migrate line {line!r}: {ini} does not exist")
+            migrators.append(AlembicMigrator(line, ini, revision or "head"))
+        elif kind == "metadata":
+            migrators.append(MetadataMigrator(line, arg))
+        elif kind == "sql":
+            migrators.append(SqlMigrator(line, (rootdir / arg).resolve()))
+        elif kind == "python":
+            migrators.append(PythonMigrator(line, arg))
+        else:
+            migrators.append(CommandMigrator(line, arg, rootdir))
+    return migrators

@@ -1,0 +1,385 @@
+"""pytest hooks and fixtures only: this module wires the layers together and holds no SQL.
+
+Roles: the controller (xdist's main process, or the one process without xdist) acquires the server once
+and hands it to the workers through the environment; each worker builds or reuses the template and
+clones its own database; each test gets a sandbox. See docs in README.md and DESIGN.md.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import pytest
+from sqlalchemy import create_engine
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session
+
+from pgshard.clones import Database
+from pgshard.fastapi import make_async_client, make_client, override_dependency
+from pgshard.migrate import MigrationError
+from pgshard.queries import QueryCounter
+from pgshard.run import HANDOFF, Run, summary_lines
+from pgshard.sandbox import SandboxError, async_sandbox, is_async_maker, rebind, sandbox
+from pgshard.server.info import ServerError, ServerInfo
+from pgshard.settings import OPTIONS, Settings, SettingsError, import_object, resolve, temporary_env
+
+RUN = pytest.StashKey[Run]()
+WORKER_STATS = pytest.StashKey[list[dict[str, Any]]]()
+DURATIONS = pytest.StashKey[Any]()
+
+
+# -- options -----------------------------------------------------------------------------------------
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("pgshard", "real PostgreSQL per xdist worker (pgshard)")
+    for opt in OPTIONS:
+        if opt.cli:
+            if opt.kind == "bool":
+                group.addoption(opt.cli, dest=f"pgshard_{opt.name}", action="store_true", default=None, help=opt.help)
+            elif opt.name == "server":
+                group.addoption(opt.cli, dest=f"pgshard_{opt.name}", choices=["embedded", "url", "docker"],
+                                default=None, help=opt.help)
+            else:
+                group.addoption(opt.cli, dest=f"pgshard_{opt.name}", default=None, help=opt.help)
+        if opt.ini:
+            parser.addini(opt.ini, opt.help, type="linelist" if opt.kind == "lines" else "string", default=None)
+
+
+def _settings(config: pytest.Config, namespace: Any) -> Settings:
+    cli = {opt.name: getattr(namespace, f"pgshard_{opt.name}", None) for opt in OPTIONS if opt.cli}
+    return resolve(cli, os.environ, config.getini, config.rootpath)
+
+
+def _is_worker_process() -> bool:
+    return bool(os.environ.get("PYTEST_XDIST_WORKER"))
+
+
+def _fail_usage(exc: Exception) -> pytest.UsageError:
+    return pytest.UsageError(f"pgshard: {exc}")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_load_initial_conftests(early_config: pytest.Config, parser: pytest.Parser, args: list[str]) -> None:
+    """Before any conftest imports the app: know the server and point pgshard_env at our database."""
+    namespace = early_config.known_args_namespace
+    if getattr(namespace, "help", False) or getattr(namespace, "version", False):
+        return
+    try:
+        settings = _settings(early_config, namespace)
+        worker_id = os.environ.get("PYTEST_XDIST_WORKER", "main") if _is_worker_process() else "main"
+        run = Run.from_handoff(settings, worker_id) if _is_worker_process() else None
+        if run is None:
+            run = Run(settings, Run.new_run_id(), "main")
+            if settings.configured:
+                run.start_server()
+                os.environ[HANDOFF] = run.handoff()
+        os.environ.update(run.database_env())
+    except (SettingsError, ServerError) as exc:
+        raise _fail_usage(exc) from None
+    early_config.stash[RUN] = run
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "db_commit: run on a fresh database clone of its own with real commits and several connections")
+    if RUN not in config.stash:  # loaded late (-p pgshard.plugin): no early hook ran
+        try:
+            settings = _settings(config, config.option)
+        except SettingsError as exc:
+            raise _fail_usage(exc) from None
+        config.stash[RUN] = Run(settings, Run.new_run_id(), "main")
+    run = config.stash[RUN]
+    workerinput = getattr(config, "workerinput", None)
+    if workerinput is not None and run.server is None:  # a worker without hand-off: lazy, keyed by run uid
+        run.run_id = str(workerinput["testrunuid"])[:8]
+        run.worker_id = str(workerinput["workerid"])
+    config.stash[WORKER_STATS] = []
+    if config.pluginmanager.hasplugin("xdist"):
+        config.pluginmanager.register(_XdistHooks(config), "pgshard-xdist")
+    if run.settings.shard or run.settings.store_durations:
+        from pgshard.sharding import DurationsRecorder
+
+        config.stash[DURATIONS] = DurationsRecorder()
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    run = config.stash.get(RUN, None)
+    if run is not None:
+        run.finish()
+        run.stop_server()
+
+
+class _XdistHooks:
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+
+    def pytest_testnodedown(self, node: Any, error: Any) -> None:
+        stats = getattr(node, "workeroutput", {}).get("pgshard")
+        if stats:
+            self.config.stash[WORKER_STATS].append(stats)
+
+
+# -- sharding ------------------------------------------------------------------------------------------
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
+    run = config.stash[RUN]
+    if run.settings.shard:
+        from pgshard.sharding import ShardError, load_durations, parse_shard, split
+
+        try:
+            k, n = parse_shard(run.settings.shard)
+        except ShardError as exc:
+            raise _fail_usage(exc) from None
+        durations, warning = load_durations(run.settings.durations_file)
+        selected, split_warning = split([item.nodeid for item in items], k, n, durations)
+        for text in (warning, split_warning):
+            if text and not hasattr(config, "workerinput"):
+                config.issue_config_time_warning(pytest.PytestWarning(f"pgshard: {text}"), stacklevel=2)
+        keep = set(selected)
+        deselected = [item for item in items if item.nodeid not in keep]
+        if deselected:
+            config.hook.pytest_deselected(items=deselected)
+            items[:] = [item for item in items if item.nodeid in keep]
+    run.wants_commit_pool = any(item.get_closest_marker("db_commit") for item in items)
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    recorder = _CONFIG_DURATIONS.get("recorder")
+    if recorder is not None:
+        recorder.add(report.nodeid, report.duration)
+
+
+_CONFIG_DURATIONS: dict[str, Any] = {}
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    _CONFIG_DURATIONS["recorder"] = session.config.stash.get(DURATIONS, None)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    config = session.config
+    run = config.stash[RUN]
+    run.finish()
+    workeroutput = getattr(config, "workeroutput", None)
+    if workeroutput is not None:
+        workeroutput["pgshard"] = run.stats()
+    else:
+        config.stash[WORKER_STATS].append(run.stats())
+        recorder = config.stash.get(DURATIONS, None)
+        if recorder is not None and run.settings.store_durations:
+            recorder.write(run.settings.durations_file)
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    run = config.stash.get(RUN, None)
+    if run is None or hasattr(config, "workerinput"):
+        return
+    stats = config.stash.get(WORKER_STATS, [])
+    if run.server is None and not stats:
+        return
+    lines = summary_lines(run.server, stats, run.stale_dropped, run.timings.get("server"))
+    if lines:
+        terminalreporter.write_sep("-", "pgshard")
+        for line in lines:
+            terminalreporter.write_line(line)
+
+
+# -- fixtures: server, template, databases ----------------------------------------------------------------
+def _run(request: pytest.FixtureRequest) -> Run:
+    return request.config.stash[RUN]
+
+
+def _guard(func: Any, *args: Any) -> Any:
+    """Turn pgshard's own errors into one clear line instead of a traceback."""
+    try:
+        return func(*args)
+    except (SettingsError, ServerError, MigrationError, SandboxError) as exc:
+        pytest.fail(f"pgshard: {exc}", pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def pg_server(request: pytest.FixtureRequest) -> ServerInfo:
+    """The PostgreSQL server of this run (``.url`` of its maintenance database, ``.version``)."""
+    server: ServerInfo = _guard(_run(request).start_server)
+    return server
+
+
+@pytest.fixture(scope="session")
+def pg_template(request: pytest.FixtureRequest, pg_server: ServerInfo) -> Any:
+    """The sealed template database (built once per fingerprint, under a lock)."""
+    return _guard(_run(request).ensure_template)
+
+
+@pytest.fixture(scope="session")
+def pg_database(request: pytest.FixtureRequest, pg_template: Any) -> Iterator[Database]:
+    """This worker's own clone of the template: ``.name``, ``.url``."""
+    run = _run(request)
+    database: Database = _guard(run.worker_database)
+    if run.wants_commit_pool and run.clones is not None:
+        run.clones.start_pool()
+    yield database
+    run.finish()
+
+
+@pytest.fixture(scope="session")
+def pg_engine(pg_database: Database) -> Iterator[Engine]:
+    """One SQLAlchemy engine per worker on its database; disposed before the database is dropped."""
+    engine = create_engine(pg_database.url, pool_size=5, max_overflow=10)
+    yield engine
+    engine.dispose()
+
+
+# -- fixtures: per-test isolation ------------------------------------------------------------------------
+def _app_object(request: pytest.FixtureRequest, option: str) -> Any:
+    settings = _run(request).settings
+    target = getattr(settings, option)
+    if not target:
+        return None
+    return _guard(import_object, target, f"pgshard_{option}")
+
+
+def _refuse_in_commit_test(request: pytest.FixtureRequest, fixture: str) -> None:
+    if request.node.get_closest_marker("db_commit") is not None:
+        pytest.fail(f"pgshard: {fixture} wraps the test in a transaction that is rolled back, which a db_commit "
+                    "test opted out of: use commit_db (its .engine) or the app's own sessionmaker instead",
+                    pytrace=False)
+
+
+@pytest.fixture
+def db_connection(request: pytest.FixtureRequest, pg_engine: Engine) -> Iterator[Any]:
+    """The test's connection, inside an outer transaction rolled back at teardown. The app's
+    sessionmaker (pgshard_sessionmaker) is bound to it for the test, in savepoint mode."""
+    _refuse_in_commit_test(request, "db_connection")
+    maker = _app_object(request, "sessionmaker")
+    with sandbox(pg_engine) as box:
+        if maker is not None and not is_async_maker(maker):
+            with rebind(maker, bind=box.connection, join_transaction_mode="create_savepoint"):
+                yield box.connection
+        else:
+            yield box.connection
+
+
+@pytest.fixture
+def db_session(request: pytest.FixtureRequest, db_connection: Any) -> Iterator[Session]:
+    """A Session on the test's connection: the app's commit() releases a savepoint; all rolled back after."""
+    _refuse_in_commit_test(request, "db_session")
+    session = Session(bind=db_connection, join_transaction_mode="create_savepoint", expire_on_commit=False)
+    yield session
+    session.close()
+
+
+def _async_url(run: Run, database: Database) -> str:
+    from sqlalchemy.engine import make_url
+
+    driver = "postgresql+asyncpg" if run.settings.async_driver == "asyncpg" else "postgresql+psycopg_async"
+    return make_url(database.url).set(drivername=driver).render_as_string(hide_password=False)
+
+
+@pytest.fixture
+async def async_db_session(request: pytest.FixtureRequest, pg_database: Database) -> AsyncIterator[Any]:
+    """An AsyncSession in savepoint mode (psycopg async or asyncpg: pgshard_async_driver), rolled back after."""
+    _refuse_in_commit_test(request, "async_db_session")
+    run = _run(request)
+    maker = _app_object(request, "sessionmaker")
+    async with async_sandbox(_async_url(run, pg_database)) as session:
+        if maker is not None and is_async_maker(maker):
+            with rebind(maker, bind=session.bind, join_transaction_mode="create_savepoint"):
+                yield session
+        else:
+            yield session
+
+
+@pytest.fixture
+def query_counter() -> Iterator[QueryCounter]:
+    """Counts the statements the test runs (``.count``, ``.statements``, ``assert_max(n)``)."""
+    with QueryCounter() as counter:
+        yield counter
+
+
+# -- db_commit --------------------------------------------------------------------------------------------
+class CommitDatabase(Database):
+    """A db_commit test's own clone, with an engine on it."""
+
+    engine: Engine
+
+
+@pytest.fixture(autouse=True)
+def _pgshard_db_commit(request: pytest.FixtureRequest) -> Iterator[None]:
+    if request.node.get_closest_marker("db_commit") is None:
+        yield
+        return
+    run = _run(request)
+    request.getfixturevalue("pg_database")
+    assert run.clones is not None
+    database = _guard(run.clones.take)
+    engine = create_engine(database.url, pool_size=10, max_overflow=20)
+    maker = _app_object(request, "sessionmaker")
+    request.node.stash[_COMMIT_DB] = (database, engine)
+    try:
+        with temporary_env(run.database_env(database.name)):
+            if maker is not None and not is_async_maker(maker):
+                with rebind(maker, bind=engine):
+                    yield
+            else:
+                yield
+    finally:
+        engine.dispose()
+        run.clones.give_back(database)
+
+
+_COMMIT_DB = pytest.StashKey[tuple[Database, Engine]]()
+
+
+class _CommitDb:
+    def __init__(self, database: Database, engine: Engine) -> None:
+        self.name = database.name
+        self.url = database.url
+        self.engine = engine
+
+    def __repr__(self) -> str:
+        return f"CommitDb({self.name})"
+
+
+@pytest.fixture
+def commit_db(request: pytest.FixtureRequest, _pgshard_db_commit: None) -> _CommitDb:
+    """In a ``@pytest.mark.db_commit`` test: its own database (``.name``, ``.url``, ``.engine``)."""
+    found = request.node.stash.get(_COMMIT_DB, None)
+    if found is None:
+        pytest.fail("pgshard: commit_db is only for tests marked @pytest.mark.db_commit", pytrace=False)
+    return _CommitDb(*found)
+
+
+# -- FastAPI ----------------------------------------------------------------------------------------------
+def _app(request: pytest.FixtureRequest) -> Any:
+    app = _app_object(request, "app")
+    if app is None:
+        pytest.fail("pgshard: the client fixtures need pgshard_app = package.module:app in your pytest ini",
+                    pytrace=False)
+    return app
+
+
+def _session_for_app(request: pytest.FixtureRequest) -> Any:
+    """The session the app's get_db yields: the sandbox's, or in a db_commit test a real one."""
+    if request.node.get_closest_marker("db_commit") is not None:
+        commit = request.getfixturevalue("commit_db")
+        return Session(bind=commit.engine, expire_on_commit=False)
+    return request.getfixturevalue("db_session")
+
+
+@pytest.fixture
+def client(request: pytest.FixtureRequest) -> Iterator[Any]:
+    """A FastAPI TestClient whose pgshard_get_db dependency yields the test's session."""
+    app = _app(request)
+    session = _session_for_app(request)
+    with override_dependency(app, _app_object(request, "get_db"), session):
+        yield make_client(app)
+
+
+@pytest.fixture
+def async_client(request: pytest.FixtureRequest) -> Iterator[Any]:
+    """An httpx.AsyncClient on the app (ASGITransport), same dependency override as ``client``."""
+    app = _app(request)
+    session = _session_for_app(request)
+    with override_dependency(app, _app_object(request, "get_db"), session):
+        yield make_async_client(app)

@@ -1,0 +1,174 @@
+"""One pytest process's view of a run, without pytest: which server, which template, which databases.
+
+plugin.py only translates pytest's hooks and fixtures into calls on a ``Run``; keeping the sequencing
+here lets it be used (and tested) from plain Python, and keeps plugin.py free of SQL and subprocesses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from pgshard.admin import Admin
+from pgshard.clones import Clones, CloneTimes, Database, drop_stale, worker_database_name
+from pgshard.migrate import parse_migrators
+from pgshard.server import ServerLease, acquire
+from pgshard.server.embedded import default_cache_dir
+from pgshard.server.info import ServerInfo
+from pgshard.settings import Settings, env_assignments, mask_url, placeholders
+from pgshard.template import Template, TemplateResult, database_url
+
+HANDOFF = "PGSHARD_HANDOFF"  # controller -> xdist workers: the server and the run id
+
+
+@dataclass
+class Run:
+    settings: Settings
+    run_id: str
+    worker_id: str  # "gw0"... under xdist, "main" otherwise
+    server: ServerInfo | None = None
+    lease: ServerLease | None = None
+    template: TemplateResult | None = None
+    clones: Clones | None = None
+    database: Database | None = None
+    stale_dropped: list[str] = field(default_factory=list)
+    kept: list[Database] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    clone_times: CloneTimes | None = None
+    wants_commit_pool: bool = False
+
+    # -- the server ----------------------------------------------------------------------------
+    @staticmethod
+    def new_run_id() -> str:
+        return secrets.token_hex(4)
+
+    def start_server(self) -> ServerInfo:
+        """Acquire the server for this process (controller or solo run) and clean up after dead runs."""
+        if self.server is None:
+            started = time.perf_counter()
+            self.lease = acquire(self.settings)
+            self.server = self.lease.info
+            self.timings["server"] = time.perf_counter() - started
+            with Admin(self.server.url, self.settings.prefix) as admin:
+                self.stale_dropped = drop_stale(admin, self.settings.stale_ttl_hours)
+        return self.server
+
+    def stop_server(self) -> None:
+        if self.lease is not None:
+            self.lease.release()
+            self.lease = None
+
+    def handoff(self) -> str:
+        assert self.server is not None
+        data = {"pid": os.getpid(), "run_id": self.run_id, "url": self.server.url, "source": self.server.source,
+                "version": self.server.version, "major": self.server.major, "fsync": self.server.fsync}
+        return json.dumps(data)
+
+    @classmethod
+    def from_handoff(cls, settings: Settings, worker_id: str, environ: dict[str, str] | None = None) -> Run | None:
+        """A worker adopts its controller's server: only when the hand-off came from our own parent
+        process (an inherited variable of an unrelated outer run must not be taken)."""
+        raw = (os.environ if environ is None else environ).get(HANDOFF)
+        if not raw:
+            return None
+        try:
+            data = json.loads(raw)
+        except ValueError:
+            return None
+        if data.get("pid") != os.getppid():
+            return None
+        server = ServerInfo(data["url"], data["source"], data["version"], int(data["major"]), bool(data["fsync"]))
+        return cls(settings, data["run_id"], worker_id, server=server)
+
+    # -- names and env -------------------------------------------------------------------------
+    @property
+    def database_name(self) -> str:
+        return worker_database_name(self.settings.prefix, self.run_id, self.worker_id)
+
+    def database_env(self, name: str | None = None) -> dict[str, str]:
+        """pgshard_env assignments for this worker's database (or another of this run's)."""
+        if not self.settings.env or self.server is None:
+            return {}
+        return env_assignments(self.settings.env, placeholders(database_url(self.server.url, name or self.database_name)))
+
+    # -- template and clones --------------------------------------------------------------------
+    def ensure_template(self) -> TemplateResult:
+        if self.template is None:
+            server = self.start_server()
+            lock_dir = (self.settings.cache_dir or default_cache_dir()) / "locks"
+            migrators = parse_migrators(self.settings.migrate, self.settings.rootdir)
+            with Admin(server.url, self.settings.prefix) as admin:
+                template = Template(admin, server, migrators, lock_dir=lock_dir, run_id=self.run_id,
+                                    rebuild=self.settings.rebuild, keep=self.settings.keep_templates,
+                                    env_lines=self.settings.env)
+                self.template = template.ensure()
+        return self.template
+
+    def worker_database(self) -> Database:
+        if self.database is None:
+            template = self.ensure_template()
+            assert self.server is not None
+            self.clones = Clones(self.server.url, self.server, template.name, prefix=self.settings.prefix,
+                                 run_id=self.run_id, worker_id=self.worker_id, pool_size=self.settings.commit_pool)
+            self.clone_times = self.clones.times
+            self.database = self.clones.worker_database()
+        return self.database
+
+    def finish(self) -> None:
+        """Drop this worker's clones (or keep them, with --pg-keep)."""
+        if self.clones is not None:
+            self.kept = self.clones.close(keep=self.settings.keep)
+            self.clones = None
+
+    # -- reporting --------------------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"worker": self.worker_id}
+        if self.template is not None:
+            out["template"] = {"name": self.template.name, "built": self.template.built,
+                               "build_seconds": self.template.build_seconds,
+                               "wait_seconds": self.template.wait_seconds}
+        times = self.clone_times
+        if times is not None:
+            out["clone_ms"] = times.worker_clone * 1000
+            out["commit_clones"] = len(times.commit_waits)
+            if times.commit_waits:
+                out["commit_wait_ms"] = statistics.median(times.commit_waits) * 1000
+        out["kept"] = [db.masked_url for db in self.kept]
+        return out
+
+
+def summary_lines(server: ServerInfo | None, stats: list[dict[str, Any]], stale: list[str],
+                  server_seconds: float | None) -> list[str]:
+    """The terminal summary: server, template hit or miss, clone time per worker."""
+    lines: list[str] = []
+    if server is not None:
+        took = f", ready in {server_seconds:.2f} s" if server_seconds is not None else ""
+        lines.append(f"server: {server.source}, PostgreSQL {server.version}{took} at {mask_url(server.url)}")
+    if stale:
+        lines.append(f"dropped {len(stale)} database(s) left by dead runs: {', '.join(stale)}")
+    templates = [s["template"] for s in stats if "template" in s]
+    if templates:
+        built = [t for t in templates if t["built"]]
+        name = templates[0]["name"]
+        if built:
+            lines.append(f"template {name}: built in {built[0]['build_seconds']:.2f} s (cache miss)")
+        else:
+            lines.append(f"template {name}: reused (cache hit)")
+    clones = [f"{s['worker']} {s['clone_ms']:.0f} ms" for s in sorted(stats, key=lambda s: str(s["worker"]))
+              if "clone_ms" in s]
+    if clones:
+        lines.append("clone per worker: " + ", ".join(clones))
+    commits = sum(int(s.get("commit_clones", 0)) for s in stats)
+    if commits:
+        waits = [float(s["commit_wait_ms"]) for s in stats if "commit_wait_ms" in s]
+        lines.append(f"db_commit clones: {commits}, median wait {statistics.median(waits):.1f} ms")
+    kept = [url for s in stats for url in s.get("kept", [])]
+    if kept:
+        lines.append("kept (--pg-keep; drop with `pgshard clean`): " + ", ".join(kept))
+    return lines
+

@@ -1,0 +1,43 @@
+"""Where PostgreSQL comes from: an existing server (URL), the embedded one, or docker compose.
+
+``acquire(settings)`` is the one entry point: it returns a lease whose ``info`` describes the server
+and whose ``release()`` gives it back (stopping what pgshard started once nobody uses it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from pgshard.server.info import ServerError, ServerInfo
+from pgshard.settings import Settings
+
+__all__ = ["ServerError", "ServerInfo", "ServerLease", "acquire"]
+
+
+@dataclass
+class ServerLease:
+    info: ServerInfo
+    _release: Callable[[], object] = field(repr=False)
+    released: bool = False
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self._release()
+
+
+def acquire(settings: Settings) -> ServerLease:
+    if settings.server == "url":
+        from pgshard.server.external import external_server
+
+        assert settings.url is not None
+        return ServerLease(external_server(settings.url), lambda: None)
+    if settings.server == "docker":
+        from pgshard.server.docker import docker_server
+
+        return docker_server(settings)
+    from pgshard.server.embedded import EmbeddedServer
+
+    embedded = EmbeddedServer(settings.pg_bin, settings.cache_dir)
+    return ServerLease(embedded.acquire(), embedded.release)

