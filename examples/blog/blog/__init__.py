@@ -1,0 +1,1 @@
+"""Blog example: a small FastAPI + SQLAlchemy + Alembic app tested with pytest-pgshard."""
