@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 import psycopg
 from psycopg import sql
 
-from pgshard.server.info import ServerError, connect
+from pgshard.server.base import ServerError, connect
 
 MARKER_PREFIX = "pgshard:"
 _NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")

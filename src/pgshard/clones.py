@@ -7,7 +7,6 @@ database before the database exists, and so two overlapping runs can never colli
 from __future__ import annotations
 
 import contextlib
-import os
 import queue
 import socket
 import threading
@@ -15,8 +14,8 @@ import time
 from dataclasses import dataclass, field
 
 from pgshard.admin import Admin, Marker
+from pgshard.server.base import ServerInfo
 from pgshard.server.embedded import pid_alive
-from pgshard.server.info import ServerInfo
 from pgshard.settings import mask_url
 from pgshard.template import database_url
 
@@ -34,6 +33,9 @@ class Database:
 
     def __str__(self) -> str:
         return self.masked_url
+
+    def __repr__(self) -> str:  # tracebacks show reprs: never the password
+        return f"Database({self.name}, {self.masked_url})"
 
 
 def clone_strategy(server: ServerInfo) -> str | None:

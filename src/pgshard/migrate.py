@@ -121,7 +121,7 @@ class MetadataMigrator:
         from sqlalchemy.dialects import postgresql
         from sqlalchemy.schema import CreateIndex, CreateTable
 
-        dialect = postgresql.dialect()
+        dialect = postgresql.psycopg.dialect()  # type: ignore[no-untyped-call]
         parts: list[bytes | str] = []
         for table in self._metadata().sorted_tables:
             parts.append(str(CreateTable(table).compile(dialect=dialect)))
@@ -159,7 +159,7 @@ class SqlMigrator:
     def apply(self, url: str) -> None:
         import psycopg
 
-        from pgshard.server.info import to_libpq
+        from pgshard.server.base import to_libpq
 
         with psycopg.connect(to_libpq(url)) as conn:
             for file in self.files():

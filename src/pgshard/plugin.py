@@ -22,12 +22,11 @@ from pgshard.migrate import MigrationError
 from pgshard.queries import QueryCounter
 from pgshard.run import HANDOFF, Run, summary_lines
 from pgshard.sandbox import SandboxError, async_sandbox, is_async_maker, rebind, sandbox
-from pgshard.server.info import ServerError, ServerInfo
+from pgshard.server.base import ServerError, ServerInfo
 from pgshard.settings import OPTIONS, Settings, SettingsError, import_object, resolve, temporary_env
 
 RUN = pytest.StashKey[Run]()
 WORKER_STATS = pytest.StashKey[list[dict[str, Any]]]()
-DURATIONS = pytest.StashKey[Any]()
 
 
 # -- options -----------------------------------------------------------------------------------------
@@ -43,7 +42,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
             else:
                 group.addoption(opt.cli, dest=f"pgshard_{opt.name}", default=None, help=opt.help)
         if opt.ini:
-            parser.addini(opt.ini, opt.help, type="linelist" if opt.kind == "lines" else "string", default=None)
+            if opt.kind == "lines":
+                parser.addini(opt.ini, opt.help, type="linelist", default=None)
+            else:
+                parser.addini(opt.ini, opt.help, type="string", default=None)
 
 
 def _settings(config: pytest.Config, namespace: Any) -> Settings:
@@ -98,9 +100,12 @@ def pytest_configure(config: pytest.Config) -> None:
     if config.pluginmanager.hasplugin("xdist"):
         config.pluginmanager.register(_XdistHooks(config), "pgshard-xdist")
     if run.settings.shard or run.settings.store_durations:
-        from pgshard.sharding import DurationsRecorder
+        from pgshard.sharding import ShardError
 
-        config.stash[DURATIONS] = DurationsRecorder()
+        try:
+            config.pluginmanager.register(_ShardHooks(config, run.settings), "pgshard-shard")
+        except ShardError as exc:
+            raise _fail_usage(exc) from None
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -121,40 +126,52 @@ class _XdistHooks:
 
 
 # -- sharding ------------------------------------------------------------------------------------------
-@pytest.hookimpl(trylast=True)
-def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
-    run = config.stash[RUN]
-    if run.settings.shard:
-        from pgshard.sharding import ShardError, load_durations, parse_shard, split
+class _ShardHooks:
+    """--shard K/N selection (identical in every xdist worker: the split is deterministic) and
+    --pg-store-durations recording (in the controller, which sees every worker's reports)."""
 
-        try:
-            k, n = parse_shard(run.settings.shard)
-        except ShardError as exc:
-            raise _fail_usage(exc) from None
-        durations, warning = load_durations(run.settings.durations_file)
-        selected, split_warning = split([item.nodeid for item in items], k, n, durations)
-        for text in (warning, split_warning):
-            if text and not hasattr(config, "workerinput"):
-                config.issue_config_time_warning(pytest.PytestWarning(f"pgshard: {text}"), stacklevel=2)
+    def __init__(self, config: pytest.Config, settings: Settings) -> None:
+        from pgshard.sharding import DurationsRecorder, parse_shard
+
+        self.config = config
+        self.settings = settings
+        self.shard = parse_shard(settings.shard) if settings.shard else None
+        self.recorder = DurationsRecorder() if settings.store_durations else None
+
+    def _warn(self, text: str | None) -> None:
+        if text and not hasattr(self.config, "workerinput"):
+            self.config.issue_config_time_warning(pytest.PytestWarning(f"pgshard: {text}"), stacklevel=2)
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_collection_modifyitems(self, config: pytest.Config, items: list[pytest.Item]) -> None:
+        if self.shard is None:
+            return
+        from pgshard.sharding import load_durations, split
+
+        path = self.settings.durations_file
+        durations, warning = load_durations(path)
+        self._warn(warning)
+        selected, warning = split([item.nodeid for item in items], *self.shard, durations,
+                                  source=f"durations file {path}")
+        self._warn(warning)
         keep = set(selected)
         deselected = [item for item in items if item.nodeid not in keep]
         if deselected:
             config.hook.pytest_deselected(items=deselected)
             items[:] = [item for item in items if item.nodeid in keep]
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        if self.recorder is not None:
+            self.recorder.add(report.nodeid, report.duration)
+
+    def pytest_sessionfinish(self) -> None:
+        if self.recorder is not None and not hasattr(self.config, "workerinput"):
+            self._warn(self.recorder.write(self.settings.durations_file))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    run = config.stash[RUN]
     run.wants_commit_pool = any(item.get_closest_marker("db_commit") for item in items)
-
-
-def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    recorder = _CONFIG_DURATIONS.get("recorder")
-    if recorder is not None:
-        recorder.add(report.nodeid, report.duration)
-
-
-_CONFIG_DURATIONS: dict[str, Any] = {}
-
-
-def pytest_sessionstart(session: pytest.Session) -> None:
-    _CONFIG_DURATIONS["recorder"] = session.config.stash.get(DURATIONS, None)
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
@@ -166,9 +183,6 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         workeroutput["pgshard"] = run.stats()
     else:
         config.stash[WORKER_STATS].append(run.stats())
-        recorder = config.stash.get(DURATIONS, None)
-        if recorder is not None and run.settings.store_durations:
-            recorder.write(run.settings.durations_file)
 
 
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
@@ -195,7 +209,8 @@ def _guard(func: Any, *args: Any) -> Any:
     try:
         return func(*args)
     except (SettingsError, ServerError, MigrationError, SandboxError) as exc:
-        pytest.fail(f"pgshard: {exc}", pytrace=False)
+        message = f"pgshard: {exc}"
+    pytest.fail(message, pytrace=False)  # outside the except: no chained traceback
 
 
 @pytest.fixture(scope="session")

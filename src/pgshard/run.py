@@ -18,8 +18,8 @@ from pgshard.admin import Admin
 from pgshard.clones import Clones, CloneTimes, Database, drop_stale, worker_database_name
 from pgshard.migrate import parse_migrators
 from pgshard.server import ServerLease, acquire
+from pgshard.server.base import ServerInfo
 from pgshard.server.embedded import default_cache_dir
-from pgshard.server.info import ServerInfo
 from pgshard.settings import Settings, env_assignments, mask_url, placeholders
 from pgshard.template import Template, TemplateResult, database_url
 
@@ -94,7 +94,8 @@ class Run:
         """pgshard_env assignments for this worker's database (or another of this run's)."""
         if not self.settings.env or self.server is None:
             return {}
-        return env_assignments(self.settings.env, placeholders(database_url(self.server.url, name or self.database_name)))
+        url = database_url(self.server.url, name or self.database_name)
+        return env_assignments(self.settings.env, placeholders(url))
 
     # -- template and clones --------------------------------------------------------------------
     def ensure_template(self) -> TemplateResult:

@@ -205,7 +205,8 @@ def env_assignments(lines: Sequence[str], placeholders: Mapping[str, str]) -> di
             out[name.strip()] = template.strip().format_map(placeholders)
         except (KeyError, ValueError) as exc:
             known = ", ".join("{" + k + "}" for k in sorted(placeholders))
-            raise SettingsError(f"pgshard_env line {line!r} uses an unknown placeholder {exc}; known: {known}") from None
+            raise SettingsError(
+                f"pgshard_env line {line!r} uses an unknown placeholder {exc}; known: {known}") from None
     return out
 
 

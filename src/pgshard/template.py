@@ -20,7 +20,7 @@ from sqlalchemy.engine import make_url
 import pgshard
 from pgshard.admin import Admin, Marker
 from pgshard.migrate import MigrationError, Migrator
-from pgshard.server.info import ServerInfo
+from pgshard.server.base import ServerInfo
 from pgshard.settings import env_assignments, placeholders, temporary_env
 
 

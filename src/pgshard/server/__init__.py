@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from pgshard.server.info import ServerError, ServerInfo
+from pgshard.server.base import ServerError, ServerInfo
 from pgshard.settings import Settings
 
 __all__ = ["ServerError", "ServerInfo", "ServerLease", "acquire"]

@@ -26,14 +26,13 @@ import socket
 import stat
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from filelock import FileLock
 
-from pgshard.server.info import ServerError, ServerInfo, describe
+from pgshard.server.base import ServerError, ServerInfo, describe
 
 SUPERUSER = "pgshard"
 REQUIRED = ("initdb", "pg_ctl", "postgres")
@@ -148,10 +147,7 @@ def default_cache_dir() -> Path:
 
 def _traversable_by_others(path: Path) -> bool:
     current = path.resolve()
-    for parent in (current, *current.parents):
-        if not parent.stat().st_mode & stat.S_IXOTH:
-            return False
-    return True
+    return all(parent.stat().st_mode & stat.S_IXOTH for parent in (current, *current.parents))
 
 
 def _free_port() -> int:

@@ -3,7 +3,7 @@ database for admin work; the database named in the URL is never created, dropped
 
 from __future__ import annotations
 
-from pgshard.server.info import ServerInfo, describe, sqlalchemy_url
+from pgshard.server.base import ServerInfo, describe, sqlalchemy_url
 
 
 def external_server(url: str) -> ServerInfo:

@@ -1,0 +1,160 @@
+"""What every server backend shares: one error type, URL helpers, and the readiness wait.
+
+URLs travel through pgshard in SQLAlchemy form (``postgresql+psycopg://...``) because that is what users
+put in their settings; libpq and psycopg want the plain form. Every URL that reaches a message goes
+through :func:`mask_url` first, so a password never lands in a terminal or a CI log.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from urllib.parse import quote
+
+import psycopg
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError
+
+from pgshard.settings import mask_url
+
+__all__ = ["ServerError", "ServerInfo", "connect", "describe", "mask_url", "sqlalchemy_url", "to_libpq",
+           "wait_until_ready"]
+
+# Refusals that no amount of waiting fixes: wrong password or role, missing database, pg_hba.conf.
+# libpq reports connection-time errors as text only (psycopg leaves ``sqlstate`` unset), so we match the
+# server's words; on a server speaking another language we simply keep retrying until the timeout.
+_PERMANENT_SQLSTATES = frozenset({"28P01", "28000", "3D000"})
+_PERMANENT_PHRASES = ("authentication failed", "does not exist", "no pg_hba.conf entry")
+
+class ServerError(RuntimeError):
+    """PostgreSQL could not be started, reached or stopped; one line meant for the user.
+
+    The message is masked on the way in, so a URL pasted into it can never leak its password.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(mask_url(" ".join(message.split())))
+
+
+def _parse_postgres_url(url: str) -> URL:
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError, TypeError) as exc:
+        raise ServerError(
+            f"--pg-url (or PGSHARD_URL) is not a database URL: {mask_url(url)!r}; "
+            "expected postgresql+psycopg://user:password@host:port/dbname"
+        ) from exc
+    if parsed.get_backend_name() not in ("postgresql", "postgres"):
+        raise ServerError(f"--pg-url (or PGSHARD_URL) must point at PostgreSQL, got {mask_url(url)!r}")
+    return parsed
+
+
+def to_libpq(url: str) -> str:
+    """Turn a SQLAlchemy URL into a libpq URI: drop the ``+driver``, keep query parameters.
+
+    Built by hand rather than with ``render_as_string``: SQLAlchemy writes a space as ``+`` in query
+    values and leaves it raw in user names, and libpq reads neither (``?host=/run/my%20pg`` must survive).
+    """
+    parsed = _parse_postgres_url(url)
+    userinfo = ""
+    if parsed.username is not None:
+        userinfo = quote(parsed.username, safe="")
+        if parsed.password is not None:
+            userinfo += ":" + quote(str(parsed.password), safe="")
+        userinfo += "@"
+    host = parsed.host or ""
+    host = f"[{host}]" if ":" in host else quote(host, safe="")
+    port = "" if parsed.port is None else f":{parsed.port}"
+    database = "" if parsed.database is None else "/" + quote(parsed.database, safe="")
+    pairs = [
+        f"{quote(key, safe='')}={quote(value, safe='/,:')}"
+        for key, values in parsed.query.items()
+        for value in ((values,) if isinstance(values, str) else values)
+    ]
+    query = "?" + "&".join(pairs) if pairs else ""
+    return f"postgresql://{userinfo}{host}{port}{database}{query}"
+
+
+def _one_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[-1] if lines else type(exc).__name__
+
+
+def _is_permanent(exc: psycopg.Error, message: str) -> bool:
+    if exc.sqlstate in _PERMANENT_SQLSTATES:
+        return True
+    return "FATAL:" in message and any(phrase in message for phrase in _PERMANENT_PHRASES)
+
+
+def wait_until_ready(url: str, timeout: float) -> None:
+    """Block until PostgreSQL at ``url`` answers ``SELECT 1``, or raise :class:`ServerError`.
+
+    A server that is still starting refuses connections or answers "starting up"; both are retried.
+    A wrong password or a missing database will not fix itself, so those fail at once.
+    """
+    libpq_url = to_libpq(url)
+    deadline = time.monotonic() + timeout
+    delay = 0.02
+    last_error = "no connection attempt was made"
+    while True:
+        try:
+            with psycopg.connect(libpq_url, connect_timeout=2, autocommit=True) as conn:
+                conn.execute("SELECT 1")
+            return
+        except psycopg.Error as exc:
+            last_error = _one_line(exc)
+            if _is_permanent(exc, last_error):
+                raise ServerError(
+                    f"PostgreSQL at {mask_url(url)} refused the connection: {last_error}"
+                ) from exc
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise ServerError(f"PostgreSQL at {mask_url(url)} was not ready after {timeout:g}s: {last_error}")
+        time.sleep(min(delay, remaining))
+        delay = min(delay * 2, 0.25)
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    url: str = field(repr=False)  # SQLAlchemy URL (psycopg driver) of the maintenance database 'postgres'
+    source: str  # human description: "embedded PostgreSQL 15 (/usr/lib/postgresql/15/bin)", "url", ...
+    version: str
+    major: int
+    fsync: bool
+
+    @property
+    def masked_url(self) -> str:
+        return mask_url(self.url)
+
+    def __repr__(self) -> str:  # tracebacks show reprs: never the password
+        return f"ServerInfo({self.masked_url}, {self.source!r}, {self.version})"
+
+
+def sqlalchemy_url(url: str, database: str | None = None) -> str:
+    """Normalise any postgres URL to SQLAlchemy's psycopg 3 form, optionally for another database."""
+    parsed = make_url(url.replace("postgres://", "postgresql://", 1) if url.startswith("postgres://") else url)
+    if parsed.get_backend_name() != "postgresql":
+        raise ServerError(f"not a PostgreSQL URL: {url}; check --pg-url (PGSHARD_URL)")
+    parsed = parsed.set(drivername="postgresql+psycopg")
+    if database is not None:
+        parsed = parsed.set(database=database)
+    return parsed.render_as_string(hide_password=False)
+
+
+def connect(url: str, *, autocommit: bool = True, timeout: float = 10) -> psycopg.Connection:
+    """A psycopg connection for admin work; failures become one masked ServerError line."""
+    try:
+        return psycopg.connect(to_libpq(url), autocommit=autocommit, connect_timeout=max(1, int(timeout)))
+    except psycopg.OperationalError as exc:
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise ServerError(f"cannot connect to PostgreSQL at {url}: {reason}") from None
+
+
+def describe(url: str, source: str) -> ServerInfo:
+    """Ask the server its version and whether fsync is on (which picks the clone strategy)."""
+    with connect(url) as conn:
+        row = conn.execute("SELECT current_setting('server_version'), current_setting('server_version_num')::int,"
+                           " current_setting('fsync')").fetchone()
+    assert row is not None
+    return ServerInfo(url=url, source=source, version=str(row[0]).split()[0], major=int(row[1]) // 10000,
+                      fsync=row[2] == "on")

@@ -1,0 +1,137 @@
+"""Shared helpers for pgshard's own tests: real PostgreSQL only.
+
+Our own session uses pgshard's `pg_server` fixture (the embedded server, started lazily since this
+repository does not configure pgshard); the plugin tests run whole inner pytest sessions with pytester.
+"""
+
+from __future__ import annotations
+
+import os
+import textwrap
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from pgshard.server.base import ServerInfo, to_libpq
+from pgshard.server.embedded import EmbeddedServer
+
+pytest_plugins = ["pytester"]
+
+_INNER_ENV_DROP = ("PGSHARD_", "PYTEST_XDIST_", "PYTEST_ADDOPTS", "DATABASE_URL")
+
+
+@pytest.fixture(autouse=True)
+def _clean_inner_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inner pytest sessions must not inherit this session's pgshard or xdist variables."""
+    for name in list(os.environ):
+        if name.startswith(_INNER_ENV_DROP):
+            monkeypatch.delenv(name)
+
+
+@pytest.fixture
+def admin_conn(pg_server: ServerInfo) -> Iterator[psycopg.Connection]:
+    with psycopg.connect(to_libpq(pg_server.url), autocommit=True) as conn:
+        yield conn
+
+
+@pytest.fixture(scope="session")
+def second_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerInfo]:
+    """A server of its own (own cache dir), standing in for a user's existing server behind --pg-url."""
+    cache = Path("/dev/shm" if Path("/dev/shm").is_dir() else tmp_path_factory.getbasetemp()) / (
+        f"pgshard-tests-{uuid.uuid4().hex[:8]}")
+    server = EmbeddedServer(cache_dir=cache)
+    info = server.acquire()
+    yield info
+    server.release()
+    import shutil
+
+    shutil.rmtree(cache, ignore_errors=True)
+
+
+MIGRATION = '''
+"""{rev}"""
+import os
+from alembic import op
+import sqlalchemy as sa
+
+revision = "{rev}"
+down_revision = {down!r}
+branch_labels = None
+depends_on = None
+# token: {token}
+
+
+def upgrade():
+    with open(os.environ["PGSHARD_TEST_COUNTER"], "a") as fh:
+        fh.write("{rev}\\n")
+    {body}
+
+
+def downgrade():
+    pass
+'''
+
+ENV_PY = '''
+from alembic import context
+from sqlalchemy import create_engine, pool
+
+config = context.config
+
+
+def run():
+    engine = create_engine(config.get_main_option("sqlalchemy.url"), poolclass=pool.NullPool)
+    with engine.connect() as connection:
+        context.configure(connection=connection)
+        with context.begin_transaction():
+            context.run_migrations()
+    engine.dispose()
+
+
+run()
+'''
+
+
+class Project:
+    """An inner pytest project with an Alembic chain whose migrations record each run."""
+
+    def __init__(self, pytester: pytest.Pytester, ini: str = "", fail_in: str | None = None) -> None:
+        self.pytester = pytester
+        self.root = pytester.path
+        self.counter = self.root / "migrations-ran.txt"
+        self.token = uuid.uuid4().hex  # a fingerprint of its own, independent of other tests
+        (self.root / "alembic" / "versions").mkdir(parents=True)
+        (self.root / "alembic" / "env.py").write_text(ENV_PY)
+        (self.root / "alembic.ini").write_text("[alembic]\nscript_location = %(here)s/alembic\n")
+        self.write_migration("0001", None, 'op.create_table("item", sa.Column("id", sa.Integer, primary_key=True), '
+                                           'sa.Column("worker", sa.Text, nullable=False))')
+        self.write_migration("0002", "0001", 'op.add_column("item", sa.Column("note", sa.Text))'
+                             if fail_in != "0002" else 'raise RuntimeError("migration 0002 is broken")')
+        pytester.makeini(textwrap.dedent(f"""
+            [pytest]
+            pgshard_migrate = alembic:alembic.ini
+            {ini}
+        """))
+
+    def write_migration(self, rev: str, down: str | None, body: str) -> None:
+        path = self.root / "alembic" / "versions" / f"{rev}.py"
+        path.write_text(MIGRATION.format(rev=rev, down=down, token=self.token, body=body))
+
+    def migrations_ran(self) -> int:
+        return len(self.counter.read_text().splitlines()) if self.counter.exists() else 0
+
+    def run(self, *args: str) -> pytest.RunResult:
+        return self.pytester.runpytest_subprocess("-p", "no:randomly", "-p", "no:cacheprovider", *args)
+
+
+@pytest.fixture
+def project(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> Project:
+    monkeypatch.setenv("PGSHARD_TEST_COUNTER", str(pytester.path / "migrations-ran.txt"))
+    return Project(pytester)
+
+
+def databases(conn: psycopg.Connection, like: str = "pgshard%") -> list[str]:
+    return [r[0] for r in conn.execute("SELECT datname FROM pg_database WHERE datname LIKE %s ORDER BY 1",
+                                       (like,)).fetchall()]
