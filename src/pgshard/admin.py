@@ -105,7 +105,7 @@ class Admin:
         pattern = (name_like or self.prefix).replace("\\", "\\\\").replace("_", "\\_").replace("%", "\\%") + "%"
         rows = self.conn.execute(
             """SELECT d.datname, shobj_description(d.oid, 'pg_database'), d.datistemplate, d.datallowconn,
-                      pg_database_size(d.oid),
+                      coalesce(pg_database_size(d.oid), 0),  -- NULL while a concurrent DROP removes it
                       (SELECT count(*) FROM pg_stat_activity a WHERE a.datid = d.oid)
                FROM pg_database d WHERE d.datname LIKE %s ORDER BY d.datname""",
             (pattern,),

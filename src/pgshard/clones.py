@@ -79,8 +79,10 @@ class Clones:
         self._thread: threading.Thread | None = None
         self._pool_error: BaseException | None = None
 
-    def _marker(self) -> Marker:
-        return Marker("clone", self.run_id)
+    def _marker(self, kind: str = "clone") -> Marker:
+        # The template's fingerprint tells `pgshard clean --all` which templates a live run still clones from.
+        fingerprint = self.template.rsplit("_tpl_", 1)[1] if "_tpl_" in self.template else ""
+        return Marker(kind, self.run_id, fingerprint=fingerprint)
 
     def _database(self, name: str) -> Database:
         return Database(name, database_url(self.server.url, name))
@@ -167,7 +169,7 @@ class Clones:
             if not self.admin.exists(name):
                 continue
             if keep:
-                self.admin.mark(name, Marker("kept", self.run_id))
+                self.admin.mark(name, self._marker("kept"))
                 kept.append(self._database(name))
             else:
                 self.admin.drop(name, force=True)

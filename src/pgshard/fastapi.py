@@ -42,6 +42,10 @@ def make_client(app: Any) -> Any:
 
 
 def make_async_client(app: Any) -> Any:
-    import httpx
+    import importlib
 
+    try:  # what newer Starlette uses; the same API as httpx
+        httpx = importlib.import_module("httpx2")
+    except ModuleNotFoundError:
+        httpx = importlib.import_module("httpx")
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")

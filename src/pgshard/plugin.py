@@ -7,8 +7,9 @@ clones its own database; each test gets a sandbox. See docs in README.md and DES
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Generator, Iterator
 from typing import Any
 
 import pytest
@@ -21,7 +22,7 @@ from pgshard.fastapi import make_async_client, make_client, override_dependency
 from pgshard.migrate import MigrationError
 from pgshard.queries import QueryCounter
 from pgshard.run import HANDOFF, Run, summary_lines
-from pgshard.sandbox import SandboxError, async_sandbox, is_async_maker, rebind, sandbox
+from pgshard.sandbox import SandboxError, async_sandbox_session, is_async_maker, rebind, sandbox
 from pgshard.server.base import ServerError, ServerInfo
 from pgshard.settings import OPTIONS, Settings, SettingsError, import_object, resolve, temporary_env
 
@@ -199,6 +200,16 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
             terminalreporter.write_line(line)
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+        item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """A SandboxError is advice, not a bug: show its one line instead of SQLAlchemy's stack."""
+    report = yield
+    if call.excinfo is not None and call.excinfo.errisinstance(SandboxError):
+        report.longrepr = f"pgshard: {call.excinfo.value}"
+    return report
+
+
 # -- fixtures: server, template, databases ----------------------------------------------------------------
 def _run(request: pytest.FixtureRequest) -> Run:
     return request.config.stash[RUN]
@@ -276,10 +287,11 @@ def db_connection(request: pytest.FixtureRequest, pg_engine: Engine) -> Iterator
 
 
 @pytest.fixture
-def db_session(request: pytest.FixtureRequest, db_connection: Any) -> Iterator[Session]:
+def db_session(request: pytest.FixtureRequest) -> Iterator[Session]:
     """A Session on the test's connection: the app's commit() releases a savepoint; all rolled back after."""
     _refuse_in_commit_test(request, "db_session")
-    session = Session(bind=db_connection, join_transaction_mode="create_savepoint", expire_on_commit=False)
+    connection = request.getfixturevalue("db_connection")
+    session = Session(bind=connection, join_transaction_mode="create_savepoint", expire_on_commit=False)
     yield session
     session.close()
 
@@ -292,17 +304,30 @@ def _async_url(run: Run, database: Database) -> str:
 
 
 @pytest.fixture
-async def async_db_session(request: pytest.FixtureRequest, pg_database: Database) -> AsyncIterator[Any]:
-    """An AsyncSession in savepoint mode (psycopg async or asyncpg: pgshard_async_driver), rolled back after."""
+def async_db_session(request: pytest.FixtureRequest, pg_database: Database) -> Iterator[Any]:
+    """An AsyncSession in savepoint mode (psycopg async or asyncpg: pgshard_async_driver), rolled back
+    after. A plain fixture on purpose: it connects on first use inside the test's own event loop, so it
+    works under pytest-asyncio (strict or auto) and anyio alike."""
     _refuse_in_commit_test(request, "async_db_session")
-    run = _run(request)
-    maker = _app_object(request, "sessionmaker")
-    async with async_sandbox(_async_url(run, pg_database)) as session:
-        if maker is not None and is_async_maker(maker):
-            with rebind(maker, bind=session.bind, join_transaction_mode="create_savepoint"):
-                yield session
-        else:
-            yield session
+    with contextlib.ExitStack() as keep_loop:
+        _keep_test_loop_open(request, keep_loop)
+        session = async_sandbox_session(_async_url(_run(request), pg_database))
+        yield session
+        session.discard()
+
+
+def _keep_test_loop_open(request: pytest.FixtureRequest, stack: contextlib.ExitStack) -> None:
+    """Make the test's event loop outlive this fixture, so its teardown can roll back and close the
+    connection gracefully in that loop (anyio: hold a lease on its runner; pytest-asyncio: set up its
+    function-scoped runner first, so it is torn down after us)."""
+    if "anyio_backend" in request.fixturenames:
+        from anyio.pytest_plugin import extract_backend_and_options, get_runner
+
+        name, options = extract_backend_and_options(request.getfixturevalue("anyio_backend"))
+        stack.enter_context(get_runner(name, options))
+    elif request.node.get_closest_marker("asyncio") is not None:
+        with contextlib.suppress(pytest.FixtureLookupError):
+            request.getfixturevalue("_function_scoped_runner")
 
 
 @pytest.fixture

@@ -9,15 +9,15 @@ commit that never comes, so they do not fire: use ``@pytest.mark.db_commit`` for
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 NOT_IN_TRANSACTION = "25001"  # active_sql_transaction: "... cannot run inside a transaction block"
@@ -88,28 +88,70 @@ def is_sync_maker(maker: Any) -> bool:
     return isinstance(maker, sessionmaker)
 
 
-@contextlib.asynccontextmanager
-async def async_sandbox(url: str) -> AsyncIterator[Any]:
-    """The async twin of ``sandbox``: an AsyncSession in savepoint mode over its own connection,
-    created on the running event loop (asyncpg and psycopg connections belong to one loop)."""
-    from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
+_CONNECTING_METHODS = ("execute", "scalar", "scalars", "get", "get_one", "stream", "stream_scalars", "delete",
+                       "merge", "flush", "commit", "rollback", "refresh", "run_sync", "connection")
+
+
+def async_sandbox_session(url: str) -> Any:
+    """An AsyncSession in savepoint mode whose connection opens on first use, in whatever event loop the
+    test runs (pytest-asyncio strict or auto, anyio): asyncpg and psycopg connections belong to one loop,
+    and a plain fixture cannot know the test's loop in advance. ``discard()`` ends it without a loop:
+    closing the socket makes the server roll the outer transaction back."""
+    from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, create_async_engine
     from sqlalchemy.pool import NullPool
 
-    engine = create_async_engine(url, poolclass=NullPool)
-    _explain_errors_on(engine.sync_engine)
-    try:
-        async with engine.connect() as connection:
-            transaction = await connection.begin()
-            session = AsyncSession(bind=connection, join_transaction_mode="create_savepoint",
-                                   expire_on_commit=False)
-            try:
-                yield session
-            finally:
-                await session.close()
-                if transaction.is_active:
-                    await transaction.rollback()
-    finally:
-        await engine.dispose()
+    class SandboxAsyncSession(AsyncSession):
+        _sandbox: AsyncConnection | None = None
+        _loop: asyncio.AbstractEventLoop | None = None
+
+        async def _open_sandbox(self) -> None:
+            if self._sandbox is None:
+                self._loop = asyncio.get_running_loop()
+                engine = create_async_engine(url, poolclass=NullPool)
+                _explain_errors_on(engine.sync_engine)
+                connection = await engine.connect()
+                await connection.begin()
+                self._sandbox = connection
+                self.bind = connection
+                self.sync_session.bind = connection.sync_connection
+                self.sync_session.join_transaction_mode = "create_savepoint"
+
+        async def _close_sandbox(self, connection: AsyncConnection) -> None:
+            await AsyncSession.close(self)
+            await connection.rollback()
+            await connection.close()
+            await connection.engine.dispose()
+
+        def discard(self) -> None:
+            """Roll back and close in the test's loop when it is still open; else end the connection
+            at the driver level (the server rolls back what a vanished client left open)."""
+            connection, self._sandbox = self._sandbox, None
+            if connection is None:
+                return
+            loop = self._loop
+            if loop is not None and not loop.is_closed() and not loop.is_running():
+                loop.run_until_complete(self._close_sandbox(connection))
+                return
+            fairy = connection.sync_connection.connection  # type: ignore[union-attr]
+            driver: Any = fairy.driver_connection
+            fairy.detach()  # no pool to return it to: we end it ourselves
+            if hasattr(driver, "terminate"):  # asyncpg
+                with contextlib.suppress(RuntimeError):
+                    driver.terminate()
+            else:  # psycopg AsyncConnection: close the libpq connection, no await needed
+                driver.pgconn.finish()
+
+    def _connecting(name: str) -> Any:
+        async def method(self: Any, *args: Any, **kwargs: Any) -> Any:
+            await self._open_sandbox()
+            return await getattr(AsyncSession, name)(self, *args, **kwargs)
+
+        method.__name__ = name
+        return method
+
+    for name in _CONNECTING_METHODS:
+        setattr(SandboxAsyncSession, name, _connecting(name))
+    return SandboxAsyncSession(expire_on_commit=False)
 
 
-__all__ = ["DBAPIError", "Sandbox", "SandboxError", "async_sandbox", "rebind", "sandbox"]
+__all__ = ["Sandbox", "SandboxError", "async_sandbox_session", "rebind", "sandbox"]

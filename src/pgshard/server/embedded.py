@@ -37,6 +37,11 @@ from pgshard.server.base import ServerError, ServerInfo, describe
 SUPERUSER = "pgshard"
 REQUIRED = ("initdb", "pg_ctl", "postgres")
 
+# One lease file per process, but a process may acquire the same server more than once (a run's lease and
+# the `pgshard` command called in-process, or two Runs): count them, so the first release does not drop
+# the lease the other user still relies on. Keyed by pid too, so a forked child never inherits the count.
+_HELD: dict[tuple[str, int], int] = {}
+
 _TUNING = """
 # --- pgshard: a throwaway server tuned for tests (durability off, loopback only) ---
 fsync = off
@@ -157,7 +162,9 @@ def _free_port() -> int:
 
 
 def _port_free(port: int) -> bool:
+    """Free for PostgreSQL, which binds with SO_REUSEADDR: a port in TIME_WAIT after our own restart is."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(("127.0.0.1", port))
         except OSError:
@@ -166,13 +173,21 @@ def _port_free(port: int) -> bool:
 
 
 def pid_alive(pid: int) -> bool:
+    """Whether a process (of any user) runs with this pid on this machine. A zombie counts as dead: a
+    run killed in a container without an init is never reaped, yet still answers ``kill(pid, 0)``."""
+    if pid <= 0:  # kill(0, ...) would ask about our own process group
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:  # no /proc (macOS): kill() is all we can tell
+        return True
+    return stat.rpartition(")")[2].split()[:1] != ["Z"]
 
 
 class EmbeddedServer:
@@ -350,6 +365,8 @@ class EmbeddedServer:
             if port is None:
                 port = self._start()
             (self.leases / str(os.getpid())).touch()
+            key = (str(self.home), os.getpid())
+            _HELD[key] = _HELD.get(key, 0) + 1
         try:
             return describe(self.url(port), self.source)
         except ServerError:
@@ -359,6 +376,11 @@ class EmbeddedServer:
     def release(self) -> bool:
         """Drop this process's lease; stop the server when nobody else holds one. True if stopped."""
         with self._lock:
+            key = (str(self.home), os.getpid())
+            held = _HELD.pop(key, 0) - 1
+            if held > 0:  # this process still holds another lease on it
+                _HELD[key] = held
+                return False
             (self.leases / str(os.getpid())).unlink(missing_ok=True)
             if self._live_leases() or self.persistent_flag.exists():
                 return False

@@ -1,0 +1,484 @@
+"""The ``pgshard`` command: what is on the server, clean up after crashed runs, keep a server warm.
+
+``status`` and ``clean`` pick the server exactly as a test run would (``--pg-url`` / ``PGSHARD_URL``, else
+the embedded server; the pytest ini of the current project is read too), so what they show is what the
+next ``pytest`` sees. ``server start|stop|status`` manage the embedded server only.
+
+Every error is one line on stderr, passwords masked, exit code 2: this runs in CI logs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import configparser
+import contextlib
+import importlib
+import json
+import os
+import socket
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+import psycopg
+
+from pgshard.admin import Admin, DatabaseInfo, NotOurs
+from pgshard.clones import stale_databases
+from pgshard.server import ServerLease, acquire
+from pgshard.server.base import ServerError, ServerInfo
+from pgshard.server.embedded import EmbeddedServer, pid_alive
+from pgshard.settings import Settings, SettingsError, mask_url, resolve
+
+EXIT_OK = 0
+EXIT_PARTIAL = 1  # clean: some databases could not be dropped (each one is named)
+EXIT_ERROR = 2  # bad usage or settings, server unreachable
+
+
+class CliError(Exception):
+    """A problem the user fixes; printed as one line."""
+
+
+# -- settings: CLI > env > the project's pytest ini > defaults, like a test run -------------------------------
+def _toml(path: Path) -> dict[str, Any] | None:
+    try:
+        toml: Any = importlib.import_module("tomllib")
+    except ImportError:  # Python 3.10: pytest itself depends on tomli there
+        try:
+            toml = importlib.import_module("tomli")
+        except ImportError:
+            return None
+    try:
+        with path.open("rb") as fh:
+            data: dict[str, Any] = toml.load(fh)
+    except (OSError, ValueError) as exc:
+        raise CliError(f"cannot read {path}: {exc}") from None
+    return data
+
+
+def _ini_section(path: Path, section: str) -> dict[str, str] | None:
+    parser = configparser.RawConfigParser()  # raw: a URL's %40 must not be interpolated
+    try:
+        parser.read(path, encoding="utf-8")
+    except (OSError, configparser.Error) as exc:
+        raise CliError(f"cannot read {path}: {' '.join(str(exc).split())}") from None
+    return dict(parser.items(section)) if parser.has_section(section) else None
+
+
+def find_ini(start: Path) -> tuple[Path | None, dict[str, Any]]:
+    """The pytest configuration pytest itself would pick (from ``start`` upwards, first match wins):
+    pytest.ini, .pytest.ini, pyproject.toml with [tool.pytest.ini_options] or [tool.pytest], tox.ini
+    with [pytest], setup.cfg with [tool:pytest]. Returns (its directory, its keys)."""
+    for directory in (start, *start.parents):
+        for name in ("pytest.ini", ".pytest.ini"):
+            if (directory / name).is_file():
+                return directory, _ini_section(directory / name, "pytest") or {}
+        pyproject = directory / "pyproject.toml"
+        if pyproject.is_file():
+            data = _toml(pyproject)
+            tool = (data or {}).get("tool", {}).get("pytest")
+            if isinstance(tool, dict):
+                options = tool.get("ini_options", tool)
+                if isinstance(options, dict):
+                    return directory, options
+        for name, section in (("tox.ini", "pytest"), ("setup.cfg", "tool:pytest")):
+            if (directory / name).is_file():
+                found = _ini_section(directory / name, section)
+                if found is not None:
+                    return directory, found
+    return None, {}
+
+
+def load_settings(args: argparse.Namespace, environ: Mapping[str, str] | None = None,
+                  cwd: Path | None = None) -> Settings:
+    cwd = Path.cwd() if cwd is None else cwd
+    env = dict(os.environ if environ is None else environ)
+    # options that have no pytest flag get one here: applied as their env var, which the ini cannot override
+    for attr, var in (("prefix", "PGSHARD_PREFIX"), ("cache_dir", "PGSHARD_CACHE_DIR")):
+        value = getattr(args, attr, None)
+        if value:
+            env[var] = str(value)
+    inidir, ini = find_ini(cwd)
+    cli = {"url": getattr(args, "pg_url", None), "server": getattr(args, "pg_server", None)}
+    return resolve(cli, env, ini.get, inidir or cwd)
+
+
+# -- which server --------------------------------------------------------------------------------------------
+@dataclass
+class Target:
+    info: ServerInfo
+    embedded: EmbeddedServer | None  # when the server is the embedded one
+    started_here: bool  # the embedded server was not running: started for this command, released after
+
+
+@contextlib.contextmanager
+def server_for(settings: Settings) -> Iterator[Target]:
+    """The server a run would use, held for the duration of the command."""
+    if settings.server != "embedded":
+        lease: ServerLease = acquire(settings)
+        try:
+            yield Target(lease.info, None, False)
+        finally:
+            lease.release()
+        return
+    embedded = EmbeddedServer(settings.pg_bin, settings.cache_dir)
+    was_running = embedded.running_port() is not None
+    info = embedded.acquire()
+    try:
+        yield Target(info, embedded, not was_running)
+    finally:
+        embedded.release()
+
+
+# -- formatting ----------------------------------------------------------------------------------------------
+def human_size(size: int) -> str:
+    value = float(size)
+    for unit in ("B", "kB", "MB", "GB"):
+        if value < 1024 or unit == "GB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def human_age(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m {seconds % 60}s"
+    if seconds < 86400:
+        return f"{seconds // 3600}h {seconds % 3600 // 60}m"
+    return f"{seconds // 86400}d {seconds % 86400 // 3600}h"
+
+
+def table(rows: Sequence[Sequence[str]], indent: str = "  ") -> list[str]:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return [indent + "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+            for row in rows]
+
+
+# -- what is on the server -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Entry:
+    """One of our databases, with what we can tell about its owner."""
+
+    db: DatabaseInfo
+    alive: bool | None  # owner process alive (None: another host, cannot tell)
+    age: float
+    stale: bool
+
+    @property
+    def kind(self) -> str:
+        return self.db.marker.kind if self.db.marker else "unmarked"
+
+    def as_json(self) -> dict[str, Any]:
+        marker = self.db.marker
+        return {
+            "name": self.db.name, "kind": self.kind, "run": marker.run if marker else None,
+            "host": marker.host if marker else None, "pid": marker.pid if marker else None,
+            "alive": self.alive, "started": marker.started if marker else None, "age_seconds": round(self.age, 1),
+            "fingerprint": (marker.fingerprint or None) if marker else None, "size_bytes": self.db.size_bytes,
+            "connections": self.db.connections, "stale": self.stale,
+        }
+
+
+def survey(admin: Admin, ttl_hours: float) -> list[Entry]:
+    now = time.time()
+    host = socket.gethostname()
+    stale = set(stale_databases(admin, ttl_hours, now))
+    entries = []
+    for db in admin.databases():
+        marker = db.marker
+        alive = None if marker is None or marker.host != host else pid_alive(marker.pid)
+        age = now - marker.started if marker else 0.0
+        entries.append(Entry(db, alive, age, db.name in stale))
+    return entries
+
+
+def _owner(entry: Entry) -> list[str]:
+    marker = entry.db.marker
+    assert marker is not None
+    alive = {True: "alive", False: "dead", None: "?"}[entry.alive]
+    return [marker.run or "-", marker.host, str(marker.pid), alive]
+
+
+SECTIONS = (("template", "templates"), ("clone", "clones"), ("kept", "kept clones (--pg-keep)"),
+            ("build", "template builds (in progress, or crashed half-way)"))
+
+
+def status_lines(target: Target, settings: Settings, entries: Sequence[Entry]) -> list[str]:
+    info = target.info
+    lines = [f"server:   {info.source}", f"version:  PostgreSQL {info.version}", f"url:      {info.masked_url}"]
+    if target.embedded is not None:
+        state = target.embedded.status()
+        others = [pid for pid in _leases(state) if pid != str(os.getpid())]
+        if target.started_here:
+            running = "no: started for this command, stopped again after it"
+        elif state["persistent"]:
+            running = "yes, persistent (`pgshard server stop` to stop it)"
+        else:
+            running = "yes, started by a run; stops when the last one ends"
+        if others:
+            running += f"; in use by {len(others)} process(es): pids {', '.join(sorted(others))}"
+        lines += [f"running:  {running}", f"data:     {state['home']}"]
+    lines.append(f"prefix:   {settings.prefix}")
+    for kind, title in SECTIONS:
+        found = [e for e in entries if e.kind == kind]
+        if kind == "build" and not found:
+            continue
+        lines += ["", f"{title}: {len(found) or 'none'}"]
+        if not found:
+            continue
+        if kind == "template":
+            rows = [["NAME", "FINGERPRINT", "SIZE", "AGE", "BUILT BY RUN", "HOST", "PID", "OWNER"]]
+            rows += [[e.db.name, e.db.marker.fingerprint if e.db.marker else "", human_size(e.db.size_bytes),
+                      human_age(e.age), *_owner(e)] for e in found]
+        else:
+            rows = [["NAME", "RUN", "HOST", "PID", "OWNER", "AGE", "SIZE", "CONN", ""]]
+            rows += [[e.db.name, *_owner(e), human_age(e.age), human_size(e.db.size_bytes), str(e.db.connections),
+                      "stale" if e.stale else ""] for e in found]
+        lines += table(rows)
+    unmarked = [e for e in entries if e.db.marker is None]
+    if unmarked:
+        lines += ["", f"not pgshard's (our prefix but no ownership marker; never touched): {len(unmarked)}"]
+        lines += [f"  {e.db.name}" for e in unmarked]
+    stale = [e for e in entries if e.stale]
+    if stale:
+        lines += ["", f"{len(stale)} stale (dead runs on this host, other hosts' older than "
+                      f"{settings.stale_ttl_hours} h): `pgshard clean` drops them"]
+    return lines
+
+
+def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    with server_for(settings) as target, Admin(target.info.url, settings.prefix) as admin:
+        entries = survey(admin, settings.stale_ttl_hours)
+        if args.json:
+            document: dict[str, Any] = {
+                "server": {"source": target.info.source, "version": target.info.version,
+                           "url": target.info.masked_url, "started_for_command": target.started_here},
+                "prefix": settings.prefix,
+                "databases": [e.as_json() for e in entries],
+            }
+            if target.embedded is not None:
+                document["embedded"] = target.embedded.status()
+            print(json.dumps(document, indent=2))
+        else:
+            print("\n".join(status_lines(target, settings, entries)))
+    return EXIT_OK
+
+
+# -- clean ---------------------------------------------------------------------------------------------------
+def plan_all(entries: Sequence[Entry]) -> tuple[list[Entry], list[tuple[Entry, str]]]:
+    """``clean --all``: every marked database, except what a live run on this host uses (its clones and
+    builds, the templates those were cloned from) and anything with open connections (another host's run,
+    or someone looking at a kept clone in psql). Returns (to drop, [(kept, why)])."""
+    live = [e for e in entries if e.db.marker is not None and e.alive and e.kind != "template"]
+    drop: list[Entry] = []
+    skip: list[tuple[Entry, str]] = []
+    for entry in entries:
+        marker = entry.db.marker
+        if marker is None:
+            continue  # never ours to drop
+        if entry.kind == "template":
+            users = sorted({str(e.db.marker.pid) for e in live
+                            if e.db.marker is not None and e.db.marker.fingerprint == marker.fingerprint})
+            # a clone marked by an older pgshard does not name its template: it could be any of them
+            unknown = any(e.db.marker is not None and not e.db.marker.fingerprint for e in live)
+            if entry.alive:
+                skip.append((entry, f"built by a live run on this host (pid {marker.pid})"))
+            elif users:
+                skip.append((entry, f"live runs on this host clone from it (pids {', '.join(users)})"))
+            elif unknown:
+                skip.append((entry, "a live run on this host uses a template it does not name"))
+            else:
+                drop.append(entry)
+        elif entry.alive:
+            skip.append((entry, f"in use by a live run on this host (pid {marker.pid})"))
+        elif entry.db.connections:
+            skip.append((entry, f"{entry.db.connections} open connection(s); close them and run again"))
+        else:
+            drop.append(entry)
+    return drop, skip
+
+
+def _describe(entry: Entry) -> str:
+    marker = entry.db.marker
+    assert marker is not None
+    alive = {True: "alive", False: "dead", None: "other host"}[entry.alive]
+    return f"{entry.kind}, run {marker.run or '-'}, {marker.host} pid {marker.pid} {alive}, age {human_age(entry.age)}"
+
+
+def cmd_clean(args: argparse.Namespace, settings: Settings) -> int:
+    with server_for(settings) as target, Admin(target.info.url, settings.prefix) as admin:
+        entries = survey(admin, settings.stale_ttl_hours)
+        if args.all:
+            drop, skip = plan_all(entries)
+            what = "pgshard database(s)"
+        else:  # exactly what a run drops at its start
+            drop, skip = [e for e in entries if e.stale], []
+            what = (f"stale database(s) (dead runs on this host, other hosts' older than "
+                    f"{settings.stale_ttl_hours} h)")
+        verb = "would drop" if args.dry_run else "dropped"
+        failed = 0
+        dropped: list[str] = []
+        for entry in drop:
+            if not args.dry_run:
+                try:
+                    if not admin.drop(entry.db.name, force=True):
+                        continue  # gone meanwhile (its run ended, or another clean)
+                except (NotOurs, psycopg.Error) as exc:
+                    failed += 1
+                    print(f"  could not drop {entry.db.name}: {mask_url(' '.join(str(exc).split()))}")
+                    continue
+            dropped.append(entry.db.name)
+            print(f"  {verb} {entry.db.name} ({_describe(entry)})")
+        for entry, why in skip:
+            print(f"  kept {entry.db.name}: {why}")
+        summary = f"{verb} {len(dropped)} {what} on {target.info.masked_url}"
+        if args.dry_run:
+            summary += "; dry run, nothing was dropped"
+        print(summary)
+    return EXIT_PARTIAL if failed else EXIT_OK
+
+
+# -- the embedded server -------------------------------------------------------------------------------------
+def _embedded(settings: Settings) -> EmbeddedServer:
+    return EmbeddedServer(settings.pg_bin, settings.cache_dir)
+
+
+def _leases(state: Mapping[str, object]) -> list[str]:
+    return [str(pid) for pid in cast(list[object], state["leases"])]
+
+
+def _note_other_server(settings: Settings) -> None:
+    if settings.server != "embedded":
+        via = "--pg-url / PGSHARD_URL" if settings.server == "url" else "--pg-server / PGSHARD_SERVER"
+        print(f"pgshard: note: {via} selects another server here, so runs in this environment will not use "
+              "the embedded one", file=sys.stderr)
+
+
+def cmd_server_start(args: argparse.Namespace, settings: Settings) -> int:
+    _note_other_server(settings)
+    server = _embedded(settings)
+    was_running = server.running_port() is not None
+    info = server.acquire()
+    try:
+        server.set_persistent(True)  # before our lease goes: nobody may stop it in between
+    finally:
+        server.release()
+    how = "was already running; now persistent" if was_running else "started, persistent"
+    print(f"{info.source}: {how}")
+    print(f"url:  {info.masked_url}")
+    print(f"data: {server.home}")
+    print("test runs on this machine use it and leave it running; `pgshard server stop` stops it")
+    return EXIT_OK
+
+
+def cmd_server_stop(args: argparse.Namespace, settings: Settings) -> int:
+    server = _embedded(settings)
+    server.set_persistent(False)
+    if server.running_port() is None:
+        print(f"{server.source}: not running")
+        return EXIT_OK
+    if server.release():
+        print(f"{server.source}: stopped")
+        return EXIT_OK
+    pids = ", ".join(_leases(server.status()))
+    print(f"{server.source}: no longer persistent; still used by pids {pids}, it stops when the last one ends")
+    return EXIT_OK
+
+
+def cmd_server_status(args: argparse.Namespace, settings: Settings) -> int:
+    _note_other_server(settings)
+    server = _embedded(settings)
+    state = server.status()
+    port = cast("int | None", state["port"])
+    url = server.url(port) if port is not None else None
+    if args.json:
+        print(json.dumps({**state, "url": mask_url(url) if url else None}, indent=2))
+        return EXIT_OK
+    print(f"server:     {state['source']}")
+    print(f"running:    {f'yes, port {port}' if port is not None else 'no'}")
+    if url:
+        print(f"url:        {mask_url(url)}")
+    print(f"persistent: {'yes' if state['persistent'] else 'no'}")
+    print(f"leases:     {', '.join(_leases(state)) or 'none'}")
+    print(f"data:       {state['home']}")
+    return EXIT_OK
+
+
+# -- arguments -----------------------------------------------------------------------------------------------
+def _common(parser: argparse.ArgumentParser) -> None:
+    # SUPPRESS: accepted before or after the subcommand, and a later position does not reset an earlier one
+    group = parser.add_argument_group("server selection (as for pytest; CLI > env > pytest ini)")
+    group.add_argument("--pg-url", default=argparse.SUPPRESS, metavar="URL",
+                       help="use the server at this URL (PGSHARD_URL); default: the embedded server")
+    group.add_argument("--pg-server", default=argparse.SUPPRESS, choices=["embedded", "url", "docker"],
+                       help="where PostgreSQL comes from (PGSHARD_SERVER)")
+    group.add_argument("--prefix", default=argparse.SUPPRESS, help="database name prefix (PGSHARD_PREFIX)")
+    group.add_argument("--cache-dir", default=argparse.SUPPRESS, metavar="DIR",
+                       help="the embedded server's home (PGSHARD_CACHE_DIR)")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:  # one line, not the whole usage block
+        raise CliError(f"{message} (see `{self.prog} --help`)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="pgshard", description="pgshard: inspect and clean the PostgreSQL server your tests use.")
+    _common(parser)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    commands.required = True
+
+    status = commands.add_parser("status", help="the server, templates (fingerprint, size, age), clones and owners")
+    _common(status)
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.set_defaults(func=cmd_status)
+
+    clean = commands.add_parser("clean", help="drop databases of dead runs (--all: every pgshard database)",
+                                description="Default: the databases a run would drop at its start (clones and "
+                                "half-built templates of dead runs on this host, of other hosts after the TTL). "
+                                "--all: every database with pgshard's marker, templates and kept clones too, "
+                                "except what a live run on this host uses or what has open connections. "
+                                "A database without pgshard's ownership marker is never dropped.")
+    _common(clean)
+    clean.add_argument("--all", action="store_true", help="templates and kept clones too")
+    clean.add_argument("--dry-run", action="store_true", help="list what would be dropped, drop nothing")
+    clean.set_defaults(func=cmd_clean)
+
+    server = commands.add_parser("server", help="a long-running embedded server for a fast local loop")
+    _common(server)
+    actions = server.add_subparsers(dest="action", metavar="ACTION", parser_class=_Parser)
+    actions.required = True
+    for name, func, text in (("start", cmd_server_start, "start it and keep it running; runs use it"),
+                             ("stop", cmd_server_stop, "stop it (once no run uses it)"),
+                             ("status", cmd_server_status, "is it running, on which port, who uses it")):
+        action = actions.add_parser(name, help=text, description=text)
+        _common(action)
+        if name == "status":
+            action.add_argument("--json", action="store_true", help="machine-readable output")
+        action.set_defaults(func=func)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        settings = load_settings(args)
+        func: Callable[[argparse.Namespace, Settings], int] = args.func
+        return func(args, settings)
+    except (CliError, SettingsError, ServerError, NotOurs, psycopg.Error, OSError) as exc:
+        text = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"pgshard: {mask_url(text)}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return 130
+    except SystemExit as exc:  # --help
+        return exc.code if isinstance(exc.code, int) else EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

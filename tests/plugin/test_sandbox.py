@@ -1,0 +1,279 @@
+"""Issue 3: per-test isolation that application code cannot escape, async sessions under every runner,
+db_commit clones, query counting and clear errors on misuse (inner pytest sessions, real PostgreSQL)."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+
+APP = '''
+import os
+from fastapi import Depends, FastAPI, HTTPException
+from sqlalchemy import String, create_engine, select, func
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+engine = create_engine(os.environ["DATABASE_URL"])  # built at import, from the env pgshard set
+SessionLocal = sessionmaker(bind=engine, expire_on_commit=False)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Thing(Base):
+    __tablename__ = "thing"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(50), unique=True)
+
+
+def get_db():
+    db = SessionLocal()
+    try:
+        yield db
+    finally:
+        db.close()
+
+
+app = FastAPI()
+
+
+@app.post("/things/{name}", status_code=201)
+def create(name: str, db: Session = Depends(get_db)):
+    db.add(Thing(name=name))
+    try:
+        db.commit()
+    except IntegrityError:
+        db.rollback()
+        raise HTTPException(409, "already exists")
+    return {"count": db.scalar(select(func.count()).select_from(Thing))}
+
+
+@app.get("/things")
+async def count(db: Session = Depends(get_db)):
+    return {"count": db.scalar(select(func.count()).select_from(Thing))}
+'''
+
+INI = """
+[pytest]
+pgshard_migrate = metadata:app:Base
+pgshard_env = DATABASE_URL={url}
+pgshard_app = app:app
+pgshard_get_db = app:get_db
+pgshard_sessionmaker = app:SessionLocal
+pythonpath = .
+filterwarnings = error
+    ignore::DeprecationWarning
+%s
+"""
+
+
+@pytest.fixture
+def app_project(pytester: pytest.Pytester) -> pytest.Pytester:
+    pytester.makepyfile(app=APP)
+    pytester.makeini(INI % "")
+    return pytester
+
+
+def run(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
+    return pytester.runpytest_subprocess("-p", "no:randomly", "-p", "no:cacheprovider", *args)
+
+
+def test_app_commits_are_rolled_back_between_tests_in_any_order(app_project: pytest.Pytester) -> None:
+    app_project.makepyfile(test_leak=textwrap.dedent('''
+        import os, pytest
+        from sqlalchemy import func, select, text
+        import app
+
+        @pytest.mark.parametrize("how", ["client", "sessionmaker", "db_session", "nested", "connection"] * 2)
+        def test_only_row(how, client, db_session, db_connection, pg_database):
+            assert db_session.scalar(select(func.count()).select_from(app.Thing)) == 0
+            if how == "client":
+                assert client.post("/things/x").status_code == 201
+            elif how == "sessionmaker":
+                with app.SessionLocal() as own:  # app code opening its own session stays in the sandbox
+                    own.add(app.Thing(name="x"))
+                    own.commit()
+            elif how == "db_session":
+                db_session.add(app.Thing(name="x"))
+                db_session.commit()
+            elif how == "nested":
+                with db_session.begin_nested():
+                    db_session.add(app.Thing(name="x"))
+            else:
+                db_connection.execute(text("INSERT INTO thing (name) VALUES ('x')"))
+            assert db_session.scalar(select(func.count()).select_from(app.Thing)) == 1
+            assert app.engine.url.database == pg_database.name  # pgshard_env was set before the import
+    '''))
+    for args in ((), ("-p", "randomly", "-p", "no:cacheprovider"), ("-n", "2")):
+        result = app_project.runpytest_subprocess(*args) if args[:2] == ("-p", "randomly") else run(app_project, *args)
+        result.assert_outcomes(passed=10)
+
+
+def test_duplicate_rolls_back_to_the_savepoint_and_overrides_are_cleared(app_project: pytest.Pytester) -> None:
+    app_project.makepyfile(test_dup=textwrap.dedent('''
+        import app
+        from sqlalchemy import func, select
+
+        def test_duplicate(client, db_session):
+            assert client.post("/things/a").status_code == 201
+            response = client.post("/things/a")
+            assert response.status_code == 409
+            assert db_session.scalar(select(func.count()).select_from(app.Thing)) == 1  # outer txn still usable
+            assert app.get_db in app.app.dependency_overrides
+
+        def test_overrides_cleared_and_sessionmaker_restored():
+            assert app.get_db not in app.app.dependency_overrides
+            assert app.SessionLocal.kw["bind"] is app.engine
+    '''))
+    run(app_project).assert_outcomes(passed=2)
+
+
+ASYNC_TESTS = '''
+import pytest
+from sqlalchemy import func, select, text
+import app
+
+{marker}
+async def test_first(async_db_session):
+    async_db_session.add(app.Thing(name="a"))
+    await async_db_session.commit()
+    async with async_db_session.begin_nested():
+        async_db_session.add(app.Thing(name="b"))
+    assert await async_db_session.scalar(select(func.count()).select_from(app.Thing)) == 2
+
+{marker}
+async def test_second_sees_nothing(async_db_session, async_client):
+    assert await async_db_session.scalar(select(func.count()).select_from(app.Thing)) == 0
+    response = await async_client.get("/things")
+    assert response.json() == {{"count": 0}}
+
+{marker}
+async def test_driver(async_db_session):
+    conn = await async_db_session.connection()
+    assert conn.dialect.driver == "{driver}" and conn.dialect.is_async
+
+def test_no_connection_left_behind(pg_engine, pg_database):
+    with pg_engine.connect() as conn:
+        others = conn.execute(text(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )).scalar()
+    assert others == 0
+
+@pytest.fixture
+def anyio_backend():
+    return "asyncio"
+'''
+
+
+@pytest.mark.parametrize(("runner", "driver"), [
+    ("asyncio-strict", "psycopg"), ("asyncio-strict", "asyncpg"), ("asyncio-auto", "psycopg"),
+    ("asyncio-auto", "asyncpg"), ("anyio", "psycopg"), ("anyio", "asyncpg"),
+])
+def test_async_db_session_under_every_runner_and_driver(pytester: pytest.Pytester, runner: str, driver: str) -> None:
+    pytester.makepyfile(app=APP)
+    mode = "auto" if runner == "asyncio-auto" else "strict"
+    asyncio_ini = "" if runner == "anyio" else f"asyncio_mode = {mode}\nasyncio_default_fixture_loop_scope = function"
+    pytester.makeini(INI % f"{asyncio_ini}\npgshard_async_driver = {driver}")
+    marker = {"asyncio-strict": "@pytest.mark.asyncio", "asyncio-auto": "", "anyio": "@pytest.mark.anyio"}[runner]
+    expected_driver = driver
+    pytester.makepyfile(test_async=ASYNC_TESTS.format(marker=marker, driver=expected_driver))
+    extra = ("-p", "no:asyncio") if runner == "anyio" else ()
+    run(pytester, *extra).assert_outcomes(passed=4)
+
+
+def test_db_commit_gets_a_fresh_clone_with_real_commits(app_project: pytest.Pytester) -> None:
+    app_project.makepyfile(test_commit=textwrap.dedent('''
+        import os, threading
+        import pytest
+        from concurrent.futures import ThreadPoolExecutor
+        from sqlalchemy import func, select, text
+        import app
+
+        @pytest.mark.db_commit
+        @pytest.mark.parametrize("n", range(4))
+        def test_real_commits(n, commit_db, pg_database, client):
+            assert commit_db.name != pg_database.name
+            assert os.environ["DATABASE_URL"].rsplit("/", 1)[1] == commit_db.name
+            def write(i):
+                with app.SessionLocal() as session:
+                    session.add(app.Thing(name=f"t{i}"))
+                    session.commit()
+                    return session.get_bind().url.database
+            with ThreadPoolExecutor(max_workers=10) as pool:
+                assert set(pool.map(write, range(10))) == {commit_db.name}
+            assert client.post("/things/web").json() == {"count": 11}
+            with commit_db.engine.connect() as conn:  # another connection sees the commits
+                assert conn.execute(text("SELECT count(*) FROM thing")).scalar() == 11
+
+        def test_worker_database_untouched(db_session):
+            assert db_session.scalar(select(func.count()).select_from(app.Thing)) == 0
+
+        @pytest.mark.db_commit
+        def test_concurrently_is_fine_here(commit_db):
+            with commit_db.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+                conn.execute(text("CREATE INDEX CONCURRENTLY ix_thing_name2 ON thing (name)"))
+                conn.execute(text("VACUUM thing"))
+    '''))
+    result = run(app_project, "-n", "2")
+    result.assert_outcomes(passed=6)
+    result.stdout.fnmatch_lines(["*db_commit clones: 5, median wait * ms*"])
+
+
+def test_misuse_gets_one_clear_error(app_project: pytest.Pytester) -> None:
+    app_project.makepyfile(test_misuse=textwrap.dedent('''
+        import pytest
+        from sqlalchemy import text
+
+        @pytest.mark.db_commit
+        def test_session_in_commit_test(db_session):
+            pass
+
+        def test_concurrently(db_session):
+            db_session.execute(text("CREATE INDEX CONCURRENTLY ix_thing_name ON thing (name)"))
+
+        def test_vacuum(db_connection):
+            db_connection.execute(text("VACUUM thing"))
+
+        def test_commit_db_without_marker(commit_db):
+            pass
+    '''))
+    result = run(app_project)
+    result.assert_outcomes(errors=2, failed=2)
+    text = result.stdout.str()
+    result.stdout.fnmatch_lines([
+        "*pgshard: db_session wraps the test in a transaction*db_commit test opted out of*",
+        "*pgshard: commit_db is only for tests marked @pytest.mark.db_commit*",
+        "*pgshard: 'CREATE INDEX CONCURRENTLY ix_thing_name ON thing (name)' cannot run inside a "
+        "transaction*mark the test @pytest.mark.db_commit*",
+        "*pgshard: 'VACUUM thing' cannot run inside a transaction*",
+    ])
+    assert text.count("Traceback") == 0
+
+
+def test_query_counter_counts_app_statements_not_savepoints(app_project: pytest.Pytester) -> None:
+    app_project.makepyfile(test_queries=textwrap.dedent('''
+        import pytest
+        from sqlalchemy import select
+        from pgshard import assert_max_queries
+        import app
+
+        def test_counts(client, db_session, query_counter):
+            client.post("/things/a")  # INSERT + SELECT count; commit = RELEASE SAVEPOINT (not counted)
+            assert query_counter.count == 2, query_counter.statements
+            assert not [s for s in query_counter.statements if "SAVEPOINT" in s.upper()]
+            query_counter.reset()
+            with query_counter.assert_max(1):
+                db_session.scalars(select(app.Thing)).all()
+
+        def test_failure_lists_the_sql(db_session):
+            with pytest.raises(AssertionError) as info:
+                with assert_max_queries(1):
+                    for _ in range(3):
+                        db_session.scalars(select(app.Thing).where(app.Thing.name == "z")).all()
+            message = str(info.value)
+            assert "expected at most 1 queries, 3 ran" in message
+            assert message.count("FROM thing") == 3
+    '''))
+    run(app_project).assert_outcomes(passed=2)
