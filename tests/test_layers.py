@@ -1,0 +1,231 @@
+"""The layers as plain objects (no pytest plugin machinery), against the real server: admin, migrate,
+template, clones, sandbox, settings."""
+
+from __future__ import annotations
+
+import os
+import textwrap
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.pool import NullPool
+
+from pgshard.admin import Admin, Marker, NotOurs
+from pgshard.clones import Clones, clone_strategy, drop_stale, stale_databases
+from pgshard.migrate import MigrationError, parse_migrators
+from pgshard.queries import QueryCounter
+from pgshard.sandbox import rebind, sandbox
+from pgshard.server.base import ServerInfo, to_libpq
+from pgshard.settings import SettingsError, env_assignments, placeholders, resolve
+from pgshard.template import Template, database_url
+
+
+@pytest.fixture
+def prefix() -> str:
+    return "pgt" + uuid.uuid4().hex[:8]  # every test its own namespace on the shared server
+
+
+@pytest.fixture
+def admin(pg_server: ServerInfo, prefix: str) -> Iterator[Admin]:
+    with Admin(pg_server.url, prefix) as admin:
+        yield admin
+        for db in admin.databases():
+            if db.marker is not None:
+                admin.drop(db.name, force=True)
+
+
+def test_admin_refuses_databases_without_our_marker(admin: Admin, admin_conn: psycopg.Connection,
+                                                    prefix: str) -> None:
+    foreign = f"{prefix}_users_own"
+    admin_conn.execute(f'CREATE DATABASE "{foreign}"')
+    try:
+        with pytest.raises(NotOurs, match="not created by pgshard"):
+            admin.drop(foreign)
+        with pytest.raises(NotOurs):
+            admin.seal(foreign)
+        with pytest.raises(NotOurs):
+            admin.rename(foreign, f"{prefix}_other")
+        assert admin.exists(foreign)
+    finally:
+        admin_conn.execute(f'DROP DATABASE "{foreign}"')
+    with pytest.raises(ValueError, match="must start with the prefix"):
+        admin.create("postgres2", Marker("clone"))
+
+
+def test_admin_marks_and_drops_its_own(admin: Admin, prefix: str) -> None:
+    name = f"{prefix}_mine"
+    admin.create(name, Marker("clone", "run1"))
+    (found,) = admin.databases()
+    assert found.name == name and found.marker is not None
+    assert (found.marker.kind, found.marker.run, found.marker.pid) == ("clone", "run1", os.getpid())
+    assert admin.drop(name) is True
+    assert admin.drop(name) is False
+
+
+def _migrations(tmp_path: Path, body: str = "CREATE TABLE a (id int primary key);") -> list[str]:
+    sql_dir = tmp_path / "sql"
+    sql_dir.mkdir(exist_ok=True)
+    (sql_dir / "001_schema.sql").write_text(body)
+    (sql_dir / "002_seed.sql").write_text("INSERT INTO a VALUES (1), (2);")
+    (tmp_path / "seed_mod.py").write_text(textwrap.dedent('''
+        import psycopg
+        def main(url):
+            with psycopg.connect(url.replace("+psycopg", "")) as conn:
+                conn.execute("INSERT INTO a VALUES (3)")
+    '''))
+    (tmp_path / "seed.py").write_text(textwrap.dedent('''
+        import os, psycopg
+        with psycopg.connect(os.environ["SEED_URL"]) as conn:
+            conn.execute("INSERT INTO a VALUES (4)")
+    '''))
+    return ["sql:sql/", "python:seed_mod:main", "command:python seed.py"]
+
+
+def test_sql_python_and_command_migrators_build_a_sealed_template(
+        admin: Admin, pg_server: ServerInfo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(tmp_path))
+    migrators = parse_migrators(_migrations(tmp_path), tmp_path)
+    template = Template(admin, pg_server, migrators, lock_dir=tmp_path / "locks", run_id="r1",
+                        env_lines=["SEED_URL={libpq_url}"])
+    result = template.ensure()
+    assert result.built and result.name == f"{admin.prefix}_tpl_{template.fingerprint()}"
+    info = admin.info(result.name)
+    assert info is not None and info.is_template and not info.allow_connections
+    assert not admin.exists(f"{result.name}_build")
+    again = Template(admin, pg_server, parse_migrators(_migrations(tmp_path), tmp_path),
+                     lock_dir=tmp_path / "locks", run_id="r2", env_lines=["SEED_URL={libpq_url}"]).ensure()
+    assert not again.built and again.name == result.name
+
+    clones = Clones(pg_server.url, pg_server, result.name, prefix=admin.prefix, run_id="r2", worker_id="gw0")
+    database = clones.worker_database()
+    engine = create_engine(database.url, poolclass=NullPool)
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT array_agg(id ORDER BY id) FROM a")).scalar() == [1, 2, 3, 4]
+    engine.dispose()
+    assert clones.close() == [] and not admin.exists(database.name)
+
+
+def test_fingerprint_follows_the_sources(admin: Admin, pg_server: ServerInfo, tmp_path: Path) -> None:
+    def fingerprint(body: str) -> str:
+        _migrations(tmp_path, body)
+        return Template(admin, pg_server, parse_migrators(["sql:sql/"], tmp_path), lock_dir=tmp_path,
+                        run_id="r").fingerprint()
+
+    first = fingerprint("CREATE TABLE a (id int primary key);")
+    assert fingerprint("CREATE TABLE a (id int primary key);") == first
+    assert fingerprint("CREATE TABLE a (id bigint primary key);") != first
+
+
+def test_failing_step_is_named_and_nothing_usable_remains(admin: Admin, pg_server: ServerInfo,
+                                                         tmp_path: Path) -> None:
+    _migrations(tmp_path, "CREATE TABLE a (id int primary key); SELECT no_such_function();")
+    template = Template(admin, pg_server, parse_migrators(["sql:sql/"], tmp_path), lock_dir=tmp_path, run_id="r")
+    with pytest.raises(MigrationError, match=r"pgshard_migrate step 'sql:sql/' failed: 001_schema.sql"):
+        template.ensure()
+    assert admin.databases() == []
+
+
+def test_metadata_migrator_and_rebuild_once_per_run(admin: Admin, pg_server: ServerInfo, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "meta_models.py").write_text(textwrap.dedent('''
+        from sqlalchemy import Column, Integer, MetaData, Table
+        metadata = MetaData()
+        Table("m", metadata, Column("id", Integer, primary_key=True))
+    '''))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    migrators = parse_migrators(["metadata:meta_models:metadata"], tmp_path)
+    first = Template(admin, pg_server, migrators, lock_dir=tmp_path, run_id="a").ensure()
+    rebuilt = Template(admin, pg_server, migrators, lock_dir=tmp_path, run_id="b", rebuild=True).ensure()
+    reused_in_same_run = Template(admin, pg_server, migrators, lock_dir=tmp_path, run_id="b", rebuild=True).ensure()
+    assert first.built and rebuilt.built and not reused_in_same_run.built
+    assert first.name == rebuilt.name
+
+
+def test_old_templates_are_collected_beyond_keep(admin: Admin, pg_server: ServerInfo, tmp_path: Path) -> None:
+    names = []
+    for version in range(4):
+        _migrations(tmp_path, f"CREATE TABLE a (id int primary key, v{version} int);")
+        names.append(Template(admin, pg_server, parse_migrators(["sql:sql/"], tmp_path), lock_dir=tmp_path,
+                              run_id="r", keep=1).ensure().name)
+    remaining = {db.name for db in admin.databases()}
+    assert remaining == {names[-1], names[-2]}  # the current one and the newest older one
+
+
+def test_stale_clones_of_dead_runs_are_dropped_live_and_kept_ones_stay(admin: Admin, prefix: str) -> None:
+    dead = Marker("clone", "dead", pid=2**22 + 12345)
+    admin.create(f"{prefix}_dead_gw0", dead)
+    admin.create(f"{prefix}_live_gw0", Marker("clone", "live"))
+    admin.create(f"{prefix}_old_elsewhere", Marker("clone", "x", host="other-host", started=0.0))
+    admin.create(f"{prefix}_new_elsewhere", Marker("clone", "y", host="other-host"))
+    admin.create(f"{prefix}_kept", Marker("kept", "z", pid=2**22 + 12345))
+    assert sorted(stale_databases(admin, ttl_hours=24)) == [f"{prefix}_dead_gw0", f"{prefix}_old_elsewhere"]
+    assert sorted(drop_stale(admin, ttl_hours=24)) == [f"{prefix}_dead_gw0", f"{prefix}_old_elsewhere"]
+    assert {db.name for db in admin.databases()} == {f"{prefix}_live_gw0", f"{prefix}_new_elsewhere", f"{prefix}_kept"}
+
+
+def test_commit_pool_hands_out_fresh_distinct_clones(admin: Admin, pg_server: ServerInfo, tmp_path: Path) -> None:
+    _migrations(tmp_path)
+    template = Template(admin, pg_server, parse_migrators(["sql:sql/"], tmp_path), lock_dir=tmp_path,
+                        run_id="r").ensure()
+    clones = Clones(pg_server.url, pg_server, template.name, prefix=admin.prefix, run_id="r", worker_id="gw3",
+                    pool_size=2)
+    clones.start_pool()
+    taken = [clones.take() for _ in range(4)]
+    assert len({db.name for db in taken}) == 4
+    for db in taken:
+        with psycopg.connect(to_libpq(db.url), autocommit=True) as conn:
+            conn.execute("INSERT INTO a VALUES (99)")
+        clones.give_back(db)
+    clones.close()
+    assert [db.name for db in admin.databases() if "_gw3" in db.name] == []
+    assert clone_strategy(pg_server) == ("WAL_LOG" if pg_server.fsync else "FILE_COPY")
+
+
+def test_sandbox_rolls_back_commits_and_rebinds_a_sessionmaker(pg_server: ServerInfo, admin: Admin,
+                                                              prefix: str) -> None:
+    from sqlalchemy.orm import sessionmaker
+
+    name = f"{prefix}_sandbox"
+    admin.create(name, Marker("clone"))
+    engine = create_engine(database_url(pg_server.url, name))
+    with engine.begin() as conn:
+        conn.execute(text("CREATE TABLE t (v int)"))
+    maker = sessionmaker(bind=engine)
+    with sandbox(engine) as box, rebind(maker, bind=box.connection, join_transaction_mode="create_savepoint"):
+        with maker() as app_session, QueryCounter() as counter:
+            app_session.execute(text("INSERT INTO t VALUES (1)"))
+            app_session.commit()
+        assert counter.count == 1  # the SAVEPOINT/RELEASE bookkeeping is not counted
+        assert box.connection.execute(text("SELECT count(*) FROM t")).scalar() == 1
+    assert maker.kw["bind"] is engine and "join_transaction_mode" not in maker.kw
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM t")).scalar() == 0
+    engine.dispose()
+
+
+def test_settings_precedence_cli_over_env_over_ini(tmp_path: Path) -> None:
+    ini = {"pgshard_url": "postgresql://ini/db", "pgshard_migrate": ["sql:a/", "sql:b/"], "pgshard_keep": "true"}
+    settings = resolve({"url": None}, {"PGSHARD_URL": "postgresql://env/db"}, ini.get, tmp_path)
+    assert settings.url == "postgresql://env/db" and settings.server == "url"
+    assert settings.migrate == ("sql:a/", "sql:b/") and settings.keep
+    settings = resolve({"url": "postgresql://cli/db"}, {"PGSHARD_URL": "postgresql://env/db"}, ini.get, tmp_path)
+    assert settings.url == "postgresql://cli/db"
+    assert not resolve({}, {}, lambda key: None, tmp_path).configured
+    with pytest.raises(SettingsError, match="PGSHARD_KEEP must be true or false"):
+        resolve({}, {"PGSHARD_KEEP": "maybe"}, lambda key: None, tmp_path)
+    with pytest.raises(SettingsError, match="--pg-server url needs --pg-url"):
+        resolve({"server": "url"}, {}, lambda key: None, tmp_path)
+
+
+def test_env_placeholders() -> None:
+    values = placeholders("postgresql+psycopg://u:p%40ss@127.0.0.1:5433/pgshard_ab_gw0")
+    assert values["dbname"] == "pgshard_ab_gw0" and values["port"] == "5433" and values["password"] == "p@ss"
+    assert values["asyncpg_url"].startswith("postgresql+asyncpg://")
+    assert env_assignments(["DB={dbname}", "URL={libpq_url}"], values) == {
+        "DB": "pgshard_ab_gw0", "URL": "postgresql://u:p%40ss@127.0.0.1:5433/pgshard_ab_gw0"}
+    with pytest.raises(SettingsError, match="unknown placeholder"):
+        env_assignments(["X={nope}"], values)
