@@ -283,10 +283,15 @@ class EmbeddedServer:
             return
         install = self.bindir.parent
         target = self._cache / f"pginstall-{self.major}-{hashlib.sha256(str(install).encode()).hexdigest()[:8]}"
-        if not _has_binaries(target / "bin"):
+        # keep the layout two levels up: a repaired wheel finds its libraries at $ORIGIN/../../../<pkg>.libs
+        copied_bindir = target / install.parent.name / install.name / "bin"
+        if not _has_binaries(copied_bindir):
             tmp = target.with_name(target.name + ".tmp")
             shutil.rmtree(tmp, ignore_errors=True)
-            shutil.copytree(install, tmp, symlinks=True, ignore=shutil.ignore_patterns("include", "__pycache__"))
+            ignore = shutil.ignore_patterns("include", "__pycache__")
+            shutil.copytree(install, tmp / install.parent.name / install.name, symlinks=True, ignore=ignore)
+            for libs in install.parent.parent.glob("*.libs"):
+                shutil.copytree(libs, tmp / libs.name, symlinks=True)
             for root, dirs, files in os.walk(tmp):
                 for name in dirs + files:
                     path = Path(root) / name
@@ -295,7 +300,7 @@ class EmbeddedServer:
                                    path.stat().st_mode & stat.S_IXUSR else 0))
             tmp.chmod(0o755)
             os.replace(tmp, target)
-        self.bindir = target / "bin"
+        self.bindir = copied_bindir
 
     def _initdb(self) -> None:
         self._own(self.sockdir, 0o700)

