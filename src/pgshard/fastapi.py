@@ -3,29 +3,40 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 
 @contextlib.contextmanager
-def override_dependency(app: Any, dependency: Callable[..., Any] | None, value: Any) -> Iterator[None]:
-    """``app.dependency_overrides[dependency]`` yields ``value`` for a block; restored after."""
+def override_dependency(app: Any, dependency: Callable[..., Any] | None, provide: Callable[[], Any],
+                        *, close: bool = True) -> Iterator[None]:
+    """For a block, ``app.dependency_overrides[dependency]`` yields ``provide()`` (closed after each
+    request when ``close``); the previous override, if any, is restored after."""
     if dependency is None:
         yield
         return
     overrides = app.dependency_overrides
     had, previous = dependency in overrides, overrides.get(dependency)
 
-    def _yield_value() -> Iterator[Any]:
-        yield value
+    def _sync() -> Iterator[Any]:
+        value = provide()
+        try:
+            yield value
+        finally:
+            if close:
+                value.close()
 
-    async def _yield_value_async() -> AsyncIterator[Any]:
-        yield value
-
-    import inspect
+    async def _async() -> AsyncIterator[Any]:
+        value = provide()
+        try:
+            yield value
+        finally:
+            if close:
+                value.close()
 
     is_async = inspect.isasyncgenfunction(dependency) or inspect.iscoroutinefunction(dependency)
-    overrides[dependency] = _yield_value_async if is_async else _yield_value
+    overrides[dependency] = _async if is_async else _sync
     try:
         yield
     finally:

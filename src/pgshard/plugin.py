@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from typing import Any
 
 import pytest
@@ -399,27 +399,28 @@ def _app(request: pytest.FixtureRequest) -> Any:
     return app
 
 
-def _session_for_app(request: pytest.FixtureRequest) -> Any:
-    """The session the app's get_db yields: the sandbox's, or in a db_commit test a real one."""
+def _app_client(request: pytest.FixtureRequest, make: Callable[[Any], Any]) -> Iterator[Any]:
+    """The app's get_db yields the test's sandbox session; in a db_commit test, a real session per
+    request on the test's own clone (the app's sessionmaker, rebound, already points there)."""
+    app = _app(request)
+    get_db = _app_object(request, "get_db")
     if request.node.get_closest_marker("db_commit") is not None:
-        commit = request.getfixturevalue("commit_db")
-        return Session(bind=commit.engine, expire_on_commit=False)
-    return request.getfixturevalue("db_session")
+        engine = request.getfixturevalue("commit_db").engine
+        with override_dependency(app, get_db, lambda: Session(bind=engine, expire_on_commit=False)):
+            yield make(app)
+    else:
+        session = request.getfixturevalue("db_session")
+        with override_dependency(app, get_db, lambda: session, close=False):
+            yield make(app)
 
 
 @pytest.fixture
 def client(request: pytest.FixtureRequest) -> Iterator[Any]:
     """A FastAPI TestClient whose pgshard_get_db dependency yields the test's session."""
-    app = _app(request)
-    session = _session_for_app(request)
-    with override_dependency(app, _app_object(request, "get_db"), session):
-        yield make_client(app)
+    yield from _app_client(request, make_client)
 
 
 @pytest.fixture
 def async_client(request: pytest.FixtureRequest) -> Iterator[Any]:
     """An httpx.AsyncClient on the app (ASGITransport), same dependency override as ``client``."""
-    app = _app(request)
-    session = _session_for_app(request)
-    with override_dependency(app, _app_object(request, "get_db"), session):
-        yield make_async_client(app)
+    yield from _app_client(request, make_async_client)
