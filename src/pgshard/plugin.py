@@ -7,6 +7,7 @@ clones its own database; each test gets a sandbox. See docs in README.md and DES
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 from collections.abc import Callable, Generator, Iterator
@@ -25,6 +26,7 @@ from pgshard.run import HANDOFF, Run, summary_lines
 from pgshard.sandbox import SandboxError, async_sandbox_session, is_async_maker, rebind, sandbox
 from pgshard.server.base import ServerError, ServerInfo
 from pgshard.settings import OPTIONS, Settings, SettingsError, import_object, resolve, temporary_env
+from pgshard.sharding import DurationsRecorder, ShardError, load_durations, parse_shard, split
 
 RUN = pytest.StashKey[Run]()
 WORKER_STATS = pytest.StashKey[list[dict[str, Any]]]()
@@ -70,15 +72,18 @@ def pytest_load_initial_conftests(early_config: pytest.Config, parser: pytest.Pa
         return
     try:
         settings = _settings(early_config, namespace)
+        if settings.shard:  # a bad --shard is a usage error before any server starts
+            parse_shard(settings.shard)
         worker_id = os.environ.get("PYTEST_XDIST_WORKER", "main") if _is_worker_process() else "main"
         run = Run.from_handoff(settings, worker_id) if _is_worker_process() else None
         if run is None:
             run = Run(settings, Run.new_run_id(), "main")
             if settings.configured:
                 run.start_server()
+                atexit.register(run.stop_server)  # also when pytest exits before unconfigure (conftest errors)
                 os.environ[HANDOFF] = run.handoff()
         os.environ.update(run.database_env())
-    except (SettingsError, ServerError) as exc:
+    except (SettingsError, ServerError, ShardError) as exc:
         raise _fail_usage(exc) from None
     early_config.stash[RUN] = run
 
@@ -101,8 +106,6 @@ def pytest_configure(config: pytest.Config) -> None:
     if config.pluginmanager.hasplugin("xdist"):
         config.pluginmanager.register(_XdistHooks(config), "pgshard-xdist")
     if run.settings.shard or run.settings.store_durations:
-        from pgshard.sharding import ShardError
-
         try:
             config.pluginmanager.register(_ShardHooks(config, run.settings), "pgshard-shard")
         except ShardError as exc:
@@ -132,8 +135,6 @@ class _ShardHooks:
     --pg-store-durations recording (in the controller, which sees every worker's reports)."""
 
     def __init__(self, config: pytest.Config, settings: Settings) -> None:
-        from pgshard.sharding import DurationsRecorder, parse_shard
-
         self.config = config
         self.settings = settings
         self.shard = parse_shard(settings.shard) if settings.shard else None
@@ -147,8 +148,6 @@ class _ShardHooks:
     def pytest_collection_modifyitems(self, config: pytest.Config, items: list[pytest.Item]) -> None:
         if self.shard is None:
             return
-        from pgshard.sharding import load_durations, split
-
         path = self.settings.durations_file
         durations, warning = load_durations(path)
         self._warn(warning)
