@@ -58,13 +58,14 @@ class Fixture:
     def template(self) -> str:
         return f"{self.prefix}_tpl_{self.fingerprint}"
 
-    def make_template(self, **marker: Any) -> str:
+    def make_template(self, fingerprint: str | None = None, **marker: Any) -> str:
         """Built by a run that has ended (unless ``pid`` says otherwise)."""
+        fingerprint = fingerprint or self.fingerprint
+        name = f"{self.prefix}_tpl_{fingerprint}"
         fields: dict[str, Any] = {"pid": dead_pid(), **marker}
-        self.admin.create(self.template, Marker("template", "r0", fingerprint=self.fingerprint, **fields),
-                          template="template0")
-        self.admin.seal(self.template)
-        return self.template
+        self.admin.create(name, Marker("template", "r0", fingerprint=fingerprint, **fields), template="template0")
+        self.admin.seal(name)
+        return name
 
     def make(self, suffix: str, kind: str = "clone", **marker: Any) -> str:
         name = f"{self.prefix}_{suffix}"
@@ -192,6 +193,7 @@ def test_clean_drops_stale_clones_and_never_a_database_without_the_marker(
 def test_clean_all_spares_live_runs_open_connections_and_unmarked_databases(
         ours: Fixture, capsys: pytest.CaptureFixture[str]) -> None:
     template = ours.make_template()
+    being_built_on = ours.make_template("0" * 16, pid=os.getpid())  # its builder still runs
     live = ours.make("r1_gw0")  # this process: a live run on this host, cloned from the template
     kept = ours.make("r3_gw0", kind="kept", pid=dead_pid())
     looked_at = ours.make("r7_gw0", kind="kept", pid=dead_pid())
@@ -203,10 +205,11 @@ def test_clean_all_spares_live_runs_open_connections_and_unmarked_databases(
     with psycopg.connect(to_libpq(looked_at_url), autocommit=True):  # someone in psql on a kept clone
         result = ours.cli(capsys, "clean", "--all")
         assert result.ret == 0, result.err
-        assert ours.names() == {template, live, looked_at, unmarked, foreign_comment}
+        assert ours.names() == {template, being_built_on, live, looked_at, unmarked, foreign_comment}
     assert kept not in ours.names() and fresh_elsewhere not in ours.names()
     reasons = {line.split()[1].rstrip(":"): line for line in result.out.splitlines() if line.startswith("  kept ")}
-    assert set(reasons) == {template, live, looked_at}
+    assert set(reasons) == {template, being_built_on, live, looked_at}
+    assert f"built by a live run on this host (pid {os.getpid()})" in reasons[being_built_on]
     assert f"live runs on this host clone from it (pids {os.getpid()})" in reasons[template]
     assert f"in use by a live run on this host (pid {os.getpid()})" in reasons[live]
     assert "1 open connection(s)" in reasons[looked_at]
@@ -218,7 +221,7 @@ def test_clean_all_spares_live_runs_open_connections_and_unmarked_databases(
     assert ours.connections(looked_at) == 0
     result = ours.cli(capsys, "clean", "--all")
     assert result.ret == 0, result.err
-    assert ours.names() == {unmarked, foreign_comment}
+    assert ours.names() == {being_built_on, unmarked, foreign_comment}
 
 
 def test_errors_are_one_masked_line_with_exit_code_2(ours: Fixture, capsys: pytest.CaptureFixture[str]) -> None:

@@ -141,7 +141,9 @@ class _ShardHooks:
         self.recorder = DurationsRecorder() if settings.store_durations else None
 
     def _warn(self, text: str | None) -> None:
-        if text and not hasattr(self.config, "workerinput"):
+        # Under xdist only workers collect; gw0 speaks for all (xdist forwards its warning to the summary).
+        workerinput = getattr(self.config, "workerinput", None)
+        if text and (workerinput is None or workerinput.get("workerid") == "gw0"):
             self.config.issue_config_time_warning(pytest.PytestWarning(f"pgshard: {text}"), stacklevel=2)
 
     @pytest.hookimpl(trylast=True)
@@ -159,14 +161,20 @@ class _ShardHooks:
         if deselected:
             config.hook.pytest_deselected(items=deselected)
             items[:] = [item for item in items if item.nodeid in keep]
+            config.stash[RUN].shard_emptied = not items
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         if self.recorder is not None:
             self.recorder.add(report.nodeid, report.duration)
 
-    def pytest_sessionfinish(self) -> None:
+    @pytest.hookimpl(trylast=True)
+    def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
         if self.recorder is not None and not hasattr(self.config, "workerinput"):
             self._warn(self.recorder.write(self.settings.durations_file))
+        emptied = self.config.stash[RUN].shard_emptied or any(
+            stats.get("shard_emptied") for stats in self.config.stash.get(WORKER_STATS, []))
+        if exitstatus == pytest.ExitCode.NO_TESTS_COLLECTED and emptied:
+            session.exitstatus = pytest.ExitCode.OK  # more shards than tests: an empty shard is not a failure
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

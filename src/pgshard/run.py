@@ -41,6 +41,7 @@ class Run:
     timings: dict[str, float] = field(default_factory=dict)
     clone_times: CloneTimes | None = None
     wants_commit_pool: bool = False
+    shard_emptied: bool = False  # --shard deselected every collected test
 
     # -- the server ----------------------------------------------------------------------------
     @staticmethod
@@ -140,6 +141,7 @@ class Run:
             if times.commit_waits:
                 out["commit_wait_ms"] = statistics.median(times.commit_waits) * 1000
         out["kept"] = [db.masked_url for db in self.kept]
+        out["shard_emptied"] = self.shard_emptied
         return out
 
 

@@ -264,15 +264,12 @@ def _sorted_ids() -> list[str]:
 CORRUPT = ("{not json", "is not valid JSON")
 STALE = ('{"version": 1, "durations": {"test_gone.py::test_old": 3.0, "test_gone.py::test_older": 9.0}}',
          "knows only 0 of the 6 collected tests, so it is stale")
-LOST_UNDER_XDIST = pytest.mark.xfail(
-    strict=True, reason="plugin.py _ShardHooks._warn: under xdist only the workers collect, and they stay silent "
-                        "(fix: let worker gw0 warn; xdist forwards its warning to the controller's summary)")
 
 
 @pytest.mark.parametrize(("content", "warning", "xdist"), [
     (*CORRUPT, []),
     (*STALE, []),
-    pytest.param(*CORRUPT, ["-n", "2"], marks=LOST_UNDER_XDIST),
+    (*CORRUPT, ["-n", "2"]),
 ], ids=["corrupt", "stale", "corrupt-xdist"])
 def test_an_unusable_durations_file_warns_and_shards_by_count(
         pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, content: str, warning: str,
@@ -303,3 +300,11 @@ def test_stored_durations_cover_every_test_under_xdist_and_drive_the_split(
         assert result.ret == 0 and "pgshard:" not in result.stdout.str(), result.stdout.str()
         ran += out.read_text().split()
     assert sorted(ran) == _sorted_ids()
+
+
+@pytest.mark.parametrize("xdist", [[], ["-n", "2"]], ids=["serial", "xdist"])
+def test_an_empty_shard_is_green(pytester: pytest.Pytester, xdist: list[str]) -> None:
+    pytester.makepyfile(test_two="def test_a():\n    pass\n\ndef test_b():\n    pass\n")
+    outcomes = [pytester.runpytest_subprocess("-p", "no:randomly", f"--shard={k}/3", *xdist) for k in (1, 2, 3)]
+    assert sorted(result.ret for result in outcomes) == [0, 0, 0]
+    assert sum(result.parseoutcomes().get("passed", 0) for result in outcomes) == 2
