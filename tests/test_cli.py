@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ from psycopg import sql
 
 from pgshard.admin import Admin, Marker
 from pgshard.cli import main
+from pgshard.host import host_identity
 from pgshard.server.base import ServerInfo, to_libpq
 from pgshard.server.embedded import EmbeddedServer
 from tests.conftest import Project, databases
@@ -138,7 +138,7 @@ def test_status_lists_templates_and_clones_with_their_owners(ours: Fixture,
     assert set(by_name) == {template, live, gone, kept, elsewhere}
     assert by_name[template]["kind"] == "template" and by_name[template]["fingerprint"] == ours.fingerprint
     assert by_name[template]["size_bytes"] > 0
-    assert by_name[live] | {"alive": True, "stale": False, "host": socket.gethostname()} == by_name[live]
+    assert by_name[live] | {"alive": True, "stale": False, "host": host_identity()} == by_name[live]
     assert (by_name[gone]["alive"], by_name[gone]["stale"]) == (False, True)
     assert (by_name[elsewhere]["alive"], by_name[elsewhere]["stale"]) == (None, False)
     assert by_name[kept]["kind"] == "kept"

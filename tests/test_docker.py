@@ -8,6 +8,7 @@ import subprocess
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -128,7 +129,8 @@ def test_wait_until_ready_waits_for_a_server_that_is_still_starting(monkeypatch:
         attempts.append("ok")
         return conn
 
-    cache = Path(tempfile.mkdtemp(prefix="pgshard-starting-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None))
+    cache = Path("/dev/shm" if Path("/dev/shm").is_dir() else tempfile.gettempdir()) / (
+        f"pgshard-starting-{uuid.uuid4().hex[:8]}")  # pgshard creates it: a mkdtemp dir is 0700
     server = EmbeddedServer(cache_dir=cache)
     server.acquire()  # initdb once, learn the port, then stop it again
     server.release()

@@ -113,3 +113,24 @@ def test_data_directory_is_private_to_the_server_account(cache_dir: Path) -> Non
             assert server.run_as is not None and server.datadir.stat().st_uid == server.run_as.uid
     finally:
         server.release()
+
+
+def test_an_existing_cache_dir_is_never_chmodded(cache_dir: Path) -> None:
+    cache_dir.mkdir(mode=0o755)
+    os.chmod(cache_dir, 0o755)
+    server = EmbeddedServer(cache_dir=cache_dir)
+    server.acquire()
+    server.release()
+    assert stat.S_IMODE(cache_dir.stat().st_mode) == 0o755
+
+
+def test_a_planted_symlink_or_foreign_cache_dir_is_refused(cache_dir: Path, tmp_path: Path) -> None:
+    cache_dir.symlink_to(tmp_path)
+    with pytest.raises(embedded.ServerError, match=r"not a plain directory; set pgshard_cache_dir"):
+        EmbeddedServer(cache_dir=cache_dir).acquire()
+    cache_dir.unlink()
+    if os.geteuid() == 0:
+        cache_dir.mkdir()
+        os.chown(cache_dir, 65534, 65534)
+        with pytest.raises(embedded.ServerError, match=r"belongs to another user.*pgshard_cache_dir"):
+            EmbeddedServer(cache_dir=cache_dir).acquire()

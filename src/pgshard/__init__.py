@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pgshard.queries import QueryCounter, assert_max_queries
-
-__version__ = "0.1.0"
+from pgshard.version import __version__
 
 __all__ = ["QueryCounter", "__version__", "assert_max_queries"]

@@ -12,7 +12,6 @@ import hashlib
 import json
 import os
 import re
-import socket
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -20,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 import psycopg
 from psycopg import sql
 
+from pgshard.host import host_identity
 from pgshard.server.base import ServerError, connect
 
 MARKER_PREFIX = "pgshard:"
@@ -34,7 +34,7 @@ class NotOurs(RuntimeError):
 class Marker:
     kind: str  # "template", "build", "clone"
     run: str = ""
-    host: str = field(default_factory=socket.gethostname)
+    host: str = field(default_factory=host_identity)
     pid: int = field(default_factory=os.getpid)
     started: float = field(default_factory=time.time)
     fingerprint: str = ""

@@ -15,7 +15,6 @@ import contextlib
 import importlib
 import json
 import os
-import socket
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -27,9 +26,10 @@ import psycopg
 
 from pgshard.admin import Admin, DatabaseInfo, NotOurs
 from pgshard.clones import stale_databases
+from pgshard.host import host_identity, pid_alive
 from pgshard.server import ServerLease, acquire
 from pgshard.server.base import ServerError, ServerInfo
-from pgshard.server.embedded import EmbeddedServer, pid_alive
+from pgshard.server.embedded import EmbeddedServer
 from pgshard.settings import Settings, SettingsError, mask_url, resolve
 
 EXIT_OK = 0
@@ -186,7 +186,7 @@ class Entry:
 
 def survey(admin: Admin, ttl_hours: float) -> list[Entry]:
     now = time.time()
-    host = socket.gethostname()
+    host = host_identity()
     stale = set(stale_databases(admin, ttl_hours, now))
     entries = []
     for db in admin.databases():

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import queue
-import socket
 import threading
 import time
 from dataclasses import dataclass, field
 
 from pgshard.admin import Admin, Marker
+from pgshard.host import host_identity, pid_alive
 from pgshard.server.base import ServerInfo
-from pgshard.server.embedded import pid_alive
 from pgshard.settings import mask_url
 from pgshard.template import database_url
 
@@ -181,7 +180,7 @@ def stale_databases(admin: Admin, ttl_hours: float, now: float | None = None) ->
     """Clones and half-built templates whose creator is gone: a dead pid on this host, or older than
     the TTL on another host. Templates and kept clones are never stale; unmarked databases never ours."""
     now = time.time() if now is None else now
-    host = socket.gethostname()
+    host = host_identity()
     stale = []
     for db in admin.databases():
         marker = db.marker

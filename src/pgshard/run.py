@@ -16,10 +16,10 @@ from typing import Any
 
 from pgshard.admin import Admin
 from pgshard.clones import Clones, CloneTimes, Database, drop_stale, worker_database_name
+from pgshard.host import default_cache_dir
 from pgshard.migrate import parse_migrators
 from pgshard.server import ServerLease, acquire
 from pgshard.server.base import ServerInfo
-from pgshard.server.embedded import default_cache_dir
 from pgshard.settings import Settings, env_assignments, mask_url, placeholders
 from pgshard.template import Template, TemplateResult, database_url
 

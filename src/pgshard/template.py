@@ -17,11 +17,11 @@ from pathlib import Path
 from filelock import FileLock
 from sqlalchemy.engine import make_url
 
-import pgshard
 from pgshard.admin import Admin, Marker
 from pgshard.migrate import MigrationError, Migrator
 from pgshard.server.base import ServerInfo
 from pgshard.settings import env_assignments, placeholders, temporary_env
+from pgshard.version import __version__
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ class Template:
 
     def fingerprint(self) -> str:
         if self._fingerprint is None:
-            parts = [f"pgshard {pgshard.__version__}", f"postgres {self.server.major}"]
+            parts = [f"pgshard {__version__}", f"postgres {self.server.major}"]
             for migrator in self.migrators:
                 try:
                     parts.append(f"{migrator.spec}={migrator.fingerprint()}")

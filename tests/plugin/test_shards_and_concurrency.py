@@ -23,7 +23,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from pgshard.server.embedded import pid_alive
+from pgshard.host import pid_alive
 from tests.conftest import Project, databases
 
 RECORDING_TESTS = '''

@@ -32,6 +32,7 @@ from pathlib import Path
 
 from filelock import FileLock
 
+from pgshard.host import UnsafeDirectory, default_cache_dir, ensure_private_dir, pid_alive
 from pgshard.server.base import ServerError, ServerInfo, describe
 
 SUPERUSER = "pgshard"
@@ -125,31 +126,6 @@ def find_binaries(pg_bin: str | None = None) -> tuple[Path, str]:
                       "existing server with --pg-url")
 
 
-def tmpfs_dir() -> Path | None:
-    """/dev/shm when it is a writable tmpfs: the data directory then lives in RAM."""
-    shm = Path("/dev/shm")
-    try:
-        mounts = Path("/proc/mounts").read_text()
-    except OSError:
-        return None
-    for line in mounts.splitlines():
-        parts = line.split()
-        if len(parts) > 2 and parts[1] == str(shm) and parts[2] == "tmpfs" and os.access(shm, os.W_OK):
-            return shm
-    return None
-
-
-def default_cache_dir() -> Path:
-    user = pwd.getpwuid(os.geteuid()).pw_name
-    shm = tmpfs_dir()
-    if shm is not None:
-        return shm / f"pgshard-{user}"
-    if os.geteuid() == 0:  # root's home is private; the server account must reach the data directory
-        return Path("/var/tmp") / "pgshard-root"
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "pgshard"
-
-
 def _traversable_by_others(path: Path) -> bool:
     current = path.resolve()
     return all(parent.stat().st_mode & stat.S_IXOTH for parent in (current, *current.parents))
@@ -170,24 +146,6 @@ def _port_free(port: int) -> bool:
         except OSError:
             return False
         return True
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether a process (of any user) runs with this pid on this machine. A zombie counts as dead: a
-    run killed in a container without an init is never reaped, yet still answers ``kill(pid, 0)``."""
-    if pid <= 0:  # kill(0, ...) would ask about our own process group
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:  # no /proc (macOS): kill() is all we can tell
-        return True
-    return stat.rpartition(")")[2].split()[:1] != ["Z"]
 
 
 class EmbeddedServer:
@@ -357,11 +315,8 @@ class EmbeddedServer:
 
     def acquire(self) -> ServerInfo:
         """Make sure the server runs and record that this process uses it."""
-        self._cache.mkdir(parents=True, exist_ok=True)
-        os.chmod(self._cache, 0o711 if self.run_as else 0o700)
+        self._prepare_home()
         with self._lock:
-            self.home.mkdir(exist_ok=True)
-            os.chmod(self.home, 0o711 if self.run_as else 0o700)
             self.leases.mkdir(exist_ok=True)
             self._prepare_binaries()
             if not self._initialised():
@@ -377,6 +332,20 @@ class EmbeddedServer:
         except ServerError:
             self.release()
             raise
+
+    def _prepare_home(self) -> None:
+        """The cache and our home in it: created private (root: traversable, not listable, so the server
+        account reaches its data directory), or, when they exist, trusted only if they are ours."""
+        option = "pgshard_cache_dir (PGSHARD_CACHE_DIR)"
+        mode = 0o711 if self.run_as else 0o700
+        try:
+            ensure_private_dir(self._cache, mode, option)
+            ensure_private_dir(self.home, mode, option)
+        except UnsafeDirectory as exc:
+            raise ServerError(str(exc)) from None
+        if self.run_as and not _traversable_by_others(self.home):
+            raise ServerError(f"{self.home} is not reachable by the '{self.run_as.name}' account that runs "
+                              f"PostgreSQL; set {option} to a directory whose parents others may traverse")
 
     def release(self) -> bool:
         """Drop this process's lease; stop the server when nobody else holds one. True if stopped."""
