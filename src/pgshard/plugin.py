@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import inspect
 import os
 from collections.abc import Callable, Generator, Iterator
 from typing import Any
@@ -23,7 +24,7 @@ from pgshard.fastapi import make_async_client, make_client, override_dependency
 from pgshard.migrate import MigrationError
 from pgshard.queries import QueryCounter
 from pgshard.run import HANDOFF, Run, summary_lines
-from pgshard.sandbox import SandboxError, async_sandbox_session, is_async_maker, rebind, sandbox
+from pgshard.sandbox import AsyncSandbox, SandboxError, is_async_maker, rebind, rebind_class, sandbox
 from pgshard.server.base import ServerError, ServerInfo
 from pgshard.settings import OPTIONS, Settings, SettingsError, import_object, resolve, temporary_env
 from pgshard.sharding import DurationsRecorder, ShardError, load_durations, parse_shard, split
@@ -316,11 +317,14 @@ def async_db_session(request: pytest.FixtureRequest, pg_database: Database) -> I
     after. A plain fixture on purpose: it connects on first use inside the test's own event loop, so it
     works under pytest-asyncio (strict or auto) and anyio alike."""
     _refuse_in_commit_test(request, "async_db_session")
-    with contextlib.ExitStack() as keep_loop:
-        _keep_test_loop_open(request, keep_loop)
-        session = async_sandbox_session(_async_url(_run(request), pg_database))
-        yield session
-        session.discard()
+    maker = _app_object(request, "sessionmaker")
+    with contextlib.ExitStack() as stack:
+        _keep_test_loop_open(request, stack)
+        box = AsyncSandbox(_async_url(_run(request), pg_database))
+        stack.callback(box.discard)
+        if maker is not None and is_async_maker(maker):  # the app's own sessions join the sandbox too
+            stack.enter_context(rebind_class(maker, box.session_class(maker.class_)))
+        yield box.session_class()(expire_on_commit=False)
 
 
 def _keep_test_loop_open(request: pytest.FixtureRequest, stack: contextlib.ExitStack) -> None:
@@ -345,12 +349,6 @@ def query_counter() -> Iterator[QueryCounter]:
 
 
 # -- db_commit --------------------------------------------------------------------------------------------
-class CommitDatabase(Database):
-    """A db_commit test's own clone, with an engine on it."""
-
-    engine: Engine
-
-
 @pytest.fixture(autouse=True)
 def _pgshard_db_commit(request: pytest.FixtureRequest) -> Iterator[None]:
     if request.node.get_closest_marker("db_commit") is None:
@@ -364,12 +362,16 @@ def _pgshard_db_commit(request: pytest.FixtureRequest) -> Iterator[None]:
     maker = _app_object(request, "sessionmaker")
     request.node.stash[_COMMIT_DB] = (database, engine)
     try:
-        with temporary_env(run.database_env(database.name)):
-            if maker is not None and not is_async_maker(maker):
-                with rebind(maker, bind=engine):
-                    yield
-            else:
-                yield
+        with temporary_env(run.database_env(database.name)), contextlib.ExitStack() as stack:
+            if maker is not None and is_async_maker(maker):
+                from sqlalchemy.ext.asyncio import create_async_engine
+                from sqlalchemy.pool import NullPool
+
+                stack.enter_context(rebind(maker, bind=create_async_engine(_async_url(run, database),
+                                                                           poolclass=NullPool)))
+            elif maker is not None:
+                stack.enter_context(rebind(maker, bind=engine))
+            yield
     finally:
         engine.dispose()
         run.clones.give_back(database)
@@ -411,12 +413,22 @@ def _app_client(request: pytest.FixtureRequest, make: Callable[[Any], Any]) -> I
     request on the test's own clone (the app's sessionmaker, rebound, already points there)."""
     app = _app(request)
     get_db = _app_object(request, "get_db")
+    if get_db is None:
+        pytest.fail("pgshard: the client fixtures need pgshard_get_db = package.module:get_db in your pytest ini; "
+                    "without it the app's requests would commit to the database for real", pytrace=False)
+    is_async = inspect.isasyncgenfunction(get_db) or inspect.iscoroutinefunction(get_db)
     if request.node.get_closest_marker("db_commit") is not None:
         engine = request.getfixturevalue("commit_db").engine
-        with override_dependency(app, get_db, lambda: Session(bind=engine, expire_on_commit=False)):
+        if _app_object(request, "sessionmaker") is not None:  # rebound to the clone: the app's get_db is right
             yield make(app)
+        elif is_async:
+            pytest.fail("pgshard: an async get_db in a db_commit test needs pgshard_sessionmaker (the app's "
+                        "async_sessionmaker), which pgshard points at the test's clone", pytrace=False)
+        else:
+            with override_dependency(app, get_db, lambda: Session(bind=engine, expire_on_commit=False)):
+                yield make(app)
     else:
-        session = request.getfixturevalue("db_session")
+        session = request.getfixturevalue("async_db_session" if is_async else "db_session")
         with override_dependency(app, get_db, lambda: session, close=False):
             yield make(app)
 

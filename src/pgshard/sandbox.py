@@ -79,6 +79,17 @@ def rebind(maker: Any, **kw: Any) -> Iterator[None]:
         maker.kw.update(saved)
 
 
+@contextlib.contextmanager
+def rebind_class(maker: Any, class_: Any) -> Iterator[None]:
+    """Make an (async) sessionmaker produce ``class_`` for a block, then restore it."""
+    saved = maker.class_
+    maker.class_ = class_
+    try:
+        yield
+    finally:
+        maker.class_ = saved
+
+
 def is_async_maker(maker: Any) -> bool:
     module = sys.modules.get("sqlalchemy.ext.asyncio")  # not imported: the app has no async maker
     return module is not None and isinstance(maker, module.async_sessionmaker)
@@ -92,66 +103,78 @@ _CONNECTING_METHODS = ("execute", "scalar", "scalars", "get", "get_one", "stream
                        "merge", "flush", "commit", "rollback", "refresh", "run_sync", "connection")
 
 
-def async_sandbox_session(url: str) -> Any:
-    """An AsyncSession in savepoint mode whose connection opens on first use, in whatever event loop the
-    test runs (pytest-asyncio strict or auto, anyio): asyncpg and psycopg connections belong to one loop,
-    and a plain fixture cannot know the test's loop in advance. ``discard()`` ends it without a loop:
-    closing the socket makes the server roll the outer transaction back."""
-    from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, create_async_engine
-    from sqlalchemy.pool import NullPool
+class AsyncSandbox:
+    """The async twin of ``sandbox``: one connection in an outer transaction, opened on first use in
+    whatever event loop the test runs (pytest-asyncio strict or auto, anyio), since asyncpg and psycopg
+    connections belong to one loop and a plain fixture cannot know the test's loop in advance. Every
+    session made by ``session_class()`` joins it in savepoint mode, the test's own and the app's."""
 
-    class SandboxAsyncSession(AsyncSession):
-        _sandbox: AsyncConnection | None = None
-        _loop: asyncio.AbstractEventLoop | None = None
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.connection: Any = None  # AsyncConnection once opened
+        self.loop: asyncio.AbstractEventLoop | None = None
 
-        async def _open_sandbox(self) -> None:
-            if self._sandbox is None:
-                self._loop = asyncio.get_running_loop()
-                engine = create_async_engine(url, poolclass=NullPool)
-                _explain_errors_on(engine.sync_engine)
-                connection = await engine.connect()
-                await connection.begin()
-                self._sandbox = connection
-                self.bind = connection
-                self.sync_session.bind = connection.sync_connection
-                self.sync_session.join_transaction_mode = "create_savepoint"
+    async def open(self) -> Any:
+        if self.connection is None:
+            from sqlalchemy.ext.asyncio import create_async_engine
+            from sqlalchemy.pool import NullPool
 
-        async def _close_sandbox(self, connection: AsyncConnection) -> None:
-            await AsyncSession.close(self)
-            await connection.rollback()
-            await connection.close()
-            await connection.engine.dispose()
+            self.loop = asyncio.get_running_loop()
+            engine = create_async_engine(self.url, poolclass=NullPool)
+            _explain_errors_on(engine.sync_engine)
+            connection = await engine.connect()
+            await connection.begin()
+            self.connection = connection
+        return self.connection
 
-        def discard(self) -> None:
-            """Roll back and close in the test's loop when it is still open; else end the connection
-            at the driver level (the server rolls back what a vanished client left open)."""
-            connection, self._sandbox = self._sandbox, None
-            if connection is None:
-                return
-            loop = self._loop
-            if loop is not None and not loop.is_closed() and not loop.is_running():
-                loop.run_until_complete(self._close_sandbox(connection))
-                return
-            fairy = connection.sync_connection.connection  # type: ignore[union-attr]
-            driver: Any = fairy.driver_connection
-            fairy.detach()  # no pool to return it to: we end it ourselves
-            if hasattr(driver, "terminate"):  # asyncpg
-                with contextlib.suppress(RuntimeError):
-                    driver.terminate()
-            else:  # psycopg AsyncConnection: close the libpq connection, no await needed
-                driver.pgconn.finish()
+    def session_class(self, base: Any = None) -> Any:
+        """A subclass of ``base`` (an AsyncSession class) whose sessions bind to the sandbox before
+        their first statement."""
+        from sqlalchemy.ext.asyncio import AsyncSession
 
-    def _connecting(name: str) -> Any:
-        async def method(self: Any, *args: Any, **kwargs: Any) -> Any:
-            await self._open_sandbox()
-            return await getattr(AsyncSession, name)(self, *args, **kwargs)
+        base = base or AsyncSession
+        sandbox = self
 
-        method.__name__ = name
-        return method
+        async def join(session: Any) -> None:
+            connection = await sandbox.open()
+            if session.bind is not connection:
+                session.bind = connection
+                session.sync_session.bind = connection.sync_connection
+                session.sync_session.join_transaction_mode = "create_savepoint"
 
-    for name in _CONNECTING_METHODS:
-        setattr(SandboxAsyncSession, name, _connecting(name))
-    return SandboxAsyncSession(expire_on_commit=False)
+        def connecting(name: str) -> Any:
+            async def method(self: Any, *args: Any, **kwargs: Any) -> Any:
+                await join(self)
+                return await getattr(base, name)(self, *args, **kwargs)
+
+            method.__name__ = name
+            return method
+
+        return type(f"Sandbox{base.__name__}", (base,), {name: connecting(name) for name in _CONNECTING_METHODS})
+
+    async def _close(self, connection: Any) -> None:
+        await connection.rollback()
+        await connection.close()
+        await connection.engine.dispose()
+
+    def discard(self) -> None:
+        """Roll back and close in the test's loop when it is still open; else end the connection at the
+        driver level (the server rolls back what a vanished client left open)."""
+        connection, self.connection = self.connection, None
+        if connection is None:
+            return
+        loop = self.loop
+        if loop is not None and not loop.is_closed() and not loop.is_running():
+            loop.run_until_complete(self._close(connection))
+            return
+        fairy = connection.sync_connection.connection
+        driver: Any = fairy.driver_connection
+        fairy.detach()  # no pool to return it to: we end it ourselves
+        if hasattr(driver, "terminate"):  # asyncpg
+            with contextlib.suppress(RuntimeError):
+                driver.terminate()
+        else:  # psycopg AsyncConnection: close the libpq connection, no await needed
+            driver.pgconn.finish()
 
 
-__all__ = ["Sandbox", "SandboxError", "async_sandbox_session", "rebind", "sandbox"]
+__all__ = ["AsyncSandbox", "Sandbox", "SandboxError", "rebind", "sandbox"]

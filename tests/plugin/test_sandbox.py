@@ -277,3 +277,78 @@ def test_query_counter_counts_app_statements_not_savepoints(app_project: pytest.
             assert message.count("FROM thing") == 3
     '''))
     run(app_project).assert_outcomes(passed=2)
+
+
+ASYNC_APP = '''
+import os
+from fastapi import Depends, FastAPI
+from sqlalchemy import String, func, select
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+engine = create_async_engine(os.environ["DATABASE_URL"])
+AsyncSessionLocal = async_sessionmaker(engine, expire_on_commit=False)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Thing(Base):
+    __tablename__ = "thing"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(50), unique=True)
+
+
+async def get_db():
+    async with AsyncSessionLocal() as session:
+        yield session
+
+
+app = FastAPI()
+
+
+@app.post("/things/{name}", status_code=201)
+async def create(name: str, db: AsyncSession = Depends(get_db)):
+    db.add(Thing(name=name))
+    await db.commit()
+    return {"count": await db.scalar(select(func.count()).select_from(Thing))}
+
+
+async def background_write(name: str) -> None:  # app code that opens its own session
+    async with AsyncSessionLocal() as session:
+        session.add(Thing(name=name))
+        await session.commit()
+'''
+
+
+def test_an_async_app_stays_in_the_sandbox(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(app=ASYNC_APP)
+    pytester.makeini((INI % "pgshard_async_driver = asyncpg").replace(
+        "DATABASE_URL={url}", "DATABASE_URL={asyncpg_url}").replace("app:SessionLocal", "app:AsyncSessionLocal"))
+    pytester.makepyfile(test_async_app=textwrap.dedent('''
+        import pytest
+        from sqlalchemy import func, select, text
+        import app
+
+        pytestmark = pytest.mark.anyio
+
+        @pytest.fixture
+        def anyio_backend():
+            return "asyncio"
+
+        @pytest.mark.parametrize("n", range(3))
+        async def test_only_rows(n, async_db_session, async_client):
+            assert await async_db_session.scalar(select(func.count()).select_from(app.Thing)) == 0
+            response = await async_client.post("/things/a")
+            assert response.status_code == 201 and response.json() == {"count": 1}
+            await app.background_write("b")
+            assert await async_db_session.scalar(select(func.count()).select_from(app.Thing)) == 2
+
+        @pytest.mark.db_commit
+        async def test_commit(commit_db):
+            await app.background_write("c")
+            with commit_db.engine.connect() as conn:
+                assert conn.execute(text("SELECT name FROM thing")).scalars().all() == ["c"]
+    '''))
+    run(pytester, "-p", "no:asyncio").assert_outcomes(passed=4)
