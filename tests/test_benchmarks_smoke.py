@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from pgshard.server.embedded import default_cache_dir
+from pgshard.host import default_cache_dir
 
 REPO = Path(__file__).resolve().parent.parent
 CHEAP = ["bare", "pgshard", "truncate", "drop_create", "clone", "commit_pool", "commit_naive"]

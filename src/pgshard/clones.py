@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from pgshard.admin import Admin, Marker
 from pgshard.host import host_identity, pid_alive
-from pgshard.server.base import ServerInfo
+from pgshard.server.base import ServerError, ServerInfo
 from pgshard.settings import mask_url
 from pgshard.template import database_url
 
@@ -142,13 +142,21 @@ class Clones:
             self._clone(self.admin, name)
             database = self._database(name)
         else:
-            try:
-                database = self._ready.get(timeout=30)
-            except queue.Empty:
-                raise RuntimeError("pgshard: the db_commit clone pool produced nothing in 30 s") from None
+            database = self._from_pool()
         self.times.commit_waits.append(time.perf_counter() - started)
         self._wake.set()
         return database
+
+    def _from_pool(self, timeout: float = 120) -> Database:
+        deadline = time.monotonic() + timeout
+        while True:
+            with contextlib.suppress(queue.Empty):
+                return self._ready.get(timeout=0.2)
+            if self._pool_error is not None:
+                raise ServerError(f"the db_commit clone pool failed: {self._pool_error}") from None
+            if time.monotonic() > deadline:
+                raise ServerError(f"the db_commit clone pool produced no clone in {timeout:.0f} s; lower "
+                                  "pgshard_commit_pool or check the server's load")
 
     def give_back(self, database: Database) -> None:
         """Drop a used db_commit clone in the background (its test's connections may linger)."""

@@ -7,7 +7,6 @@ clones its own database; each test gets a sandbox. See docs in README.md and DES
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import inspect
 import os
@@ -81,7 +80,6 @@ def pytest_load_initial_conftests(early_config: pytest.Config, parser: pytest.Pa
             run = Run(settings, Run.new_run_id(), "main")
             if settings.configured:
                 run.start_server()
-                atexit.register(run.stop_server)  # also when pytest exits before unconfigure (conftest errors)
                 os.environ[HANDOFF] = run.handoff()
         os.environ.update(run.database_env())
     except (SettingsError, ServerError, ShardError) as exc:
@@ -183,6 +181,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     run.wants_commit_pool = any(item.get_closest_marker("db_commit") for item in items)
 
 
+@pytest.hookimpl(trylast=True)  # after the runner has torn down the session fixtures
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     config = session.config
     run = config.stash[RUN]

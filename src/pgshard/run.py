@@ -6,6 +6,7 @@ here lets it be used (and tested) from plain Python, and keeps plugin.py free of
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import secrets
@@ -53,6 +54,7 @@ class Run:
         if self.server is None:
             started = time.perf_counter()
             self.lease = acquire(self.settings)
+            atexit.register(self.stop_server)  # released even when pytest exits before unconfigure
             self.server = self.lease.info
             self.timings["server"] = time.perf_counter() - started
             with Admin(self.server.url, self.settings.prefix) as admin:

@@ -92,7 +92,7 @@ _PREFIX = re.compile(r"^[a-z][a-z0-9_]{0,19}$")
 
 @dataclass(frozen=True)
 class Settings:
-    url: str | None = None
+    url: str | None = field(default=None, repr=False)  # may hold a password: never in a repr
     server: ServerKind = "embedded"
     migrate: tuple[str, ...] = ()
     env: tuple[str, ...] = ()

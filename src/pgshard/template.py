@@ -8,18 +8,19 @@ only when complete, then sealed: a half-built template can never be cloned.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from filelock import FileLock
+from filelock import FileLock, Timeout
 from sqlalchemy.engine import make_url
 
 from pgshard.admin import Admin, Marker
 from pgshard.migrate import MigrationError, Migrator
-from pgshard.server.base import ServerInfo
+from pgshard.server.base import ServerError, ServerInfo
 from pgshard.settings import env_assignments, placeholders, temporary_env
 from pgshard.version import __version__
 
@@ -95,13 +96,22 @@ class Template:
     def ensure(self) -> TemplateResult:
         name = self.name
         started = time.perf_counter()
-        with FileLock(str(self._lock_path()), timeout=1800), self.admin.advisory_lock(name):
-            waited = time.perf_counter() - started
-            if self._usable():
-                return TemplateResult(name, self.fingerprint(), False, 0.0, waited)
-            build_started = time.perf_counter()
-            self._build(name)
-            built = time.perf_counter() - build_started
+        lock = FileLock(str(self._lock_path()), timeout=1800)
+        try:
+            lock.acquire()
+        except Timeout:
+            raise ServerError(f"waited 30 min for another process building {name} ({lock.lock_file}); "
+                              "if none runs, delete that file") from None
+        try:
+            with self.admin.advisory_lock(name):
+                waited = time.perf_counter() - started
+                if self._usable():
+                    return TemplateResult(name, self.fingerprint(), False, 0.0, waited)
+                build_started = time.perf_counter()
+                self._build(name)
+                built = time.perf_counter() - build_started
+        finally:
+            lock.release()
         self.collect_garbage()
         return TemplateResult(name, self.fingerprint(), True, built, waited)
 
@@ -132,15 +142,18 @@ class Template:
 
     def collect_garbage(self) -> list[str]:
         """Drop templates of older fingerprints beyond the newest ``keep``; returns what was dropped."""
-        prefix = f"{self.admin.prefix}_tpl_"
-        others = [d for d in self.admin.databases(prefix)
-                  if d.name != self.name and d.marker is not None and d.marker.kind == "template"]
+        everything = self.admin.databases()
+        in_use = {d.marker.fingerprint for d in everything  # live runs still clone from these
+                  if d.marker is not None and d.marker.kind in ("clone", "build") and d.marker.fingerprint}
+        others = [d for d in everything if d.name.startswith(f"{self.admin.prefix}_tpl_") and d.name != self.name
+                  and d.marker is not None and d.marker.kind == "template" and d.marker.fingerprint not in in_use]
         others.sort(key=lambda d: d.marker.started if d.marker else 0.0, reverse=True)
         dropped = []
         for old in others[self.keep:]:
             try:
                 if self.admin.drop(old.name):
                     dropped.append(old.name)
-            except Exception:  # another run may be cloning it right now; next run tries again
-                continue
+            except Exception:  # another run may be cloning it right now: keep it sealed, retry next run
+                with contextlib.suppress(Exception):
+                    self.admin.seal(old.name)
         return dropped

@@ -86,3 +86,11 @@ def test_bad_option_values_are_usage_errors(project: Project) -> None:
     result = project.run("-o", "pgshard_prefix=Bad-Prefix")
     assert result.ret != 0
     _assert_one_clear_line(result, "pgshard_prefix")
+
+
+def test_malformed_url_is_one_masked_line(project: Project) -> None:
+    project.pytester.makepyfile(test_one=ONE_TEST)
+    result = project.run("--pg-url", "postgresql://u:pw-Secret@host:abc/db")
+    assert result.ret != 0
+    text = _assert_one_clear_line(result, "--pg-url (or PGSHARD_URL) has an invalid port")
+    assert "pw-Secret" not in text

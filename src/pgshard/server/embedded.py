@@ -30,7 +30,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
 from pgshard.host import UnsafeDirectory, default_cache_dir, ensure_private_dir, pid_alive
 from pgshard.server.base import ServerError, ServerInfo, describe
@@ -300,6 +300,7 @@ class EmbeddedServer:
 
     def stop(self) -> None:
         if self.running_port() is not None:
+            self._prepare_binaries()  # as root, the copy the server was started from
             self._run([str(self.bindir / "pg_ctl"), "-D", str(self.datadir), "-m", "fast", "-w", "stop"])
 
     # -- leases ----------------------------------------------------------------------------------
@@ -316,7 +317,7 @@ class EmbeddedServer:
     def acquire(self) -> ServerInfo:
         """Make sure the server runs and record that this process uses it."""
         self._prepare_home()
-        with self._lock:
+        with self._locked():
             self.leases.mkdir(exist_ok=True)
             self._prepare_binaries()
             if not self._initialised():
@@ -332,6 +333,15 @@ class EmbeddedServer:
         except ServerError:
             self.release()
             raise
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        try:
+            with self._lock:
+                yield
+        except Timeout:
+            raise ServerError(f"another pgshard process has held {self._lock.lock_file} for {self._lock.timeout:.0f} s;"
+                              " if none runs, delete that file") from None
 
     def _prepare_home(self) -> None:
         """The cache and our home in it: created private (root: traversable, not listable, so the server
@@ -349,7 +359,7 @@ class EmbeddedServer:
 
     def release(self) -> bool:
         """Drop this process's lease; stop the server when nobody else holds one. True if stopped."""
-        with self._lock:
+        with self._locked():
             key = (str(self.home), os.getpid())
             held = _HELD.pop(key, 0) - 1
             if held > 0:  # this process still holds another lease on it

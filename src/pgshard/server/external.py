@@ -3,8 +3,11 @@ database for admin work; the database named in the URL is never created, dropped
 
 from __future__ import annotations
 
-from pgshard.server.base import ServerInfo, describe, sqlalchemy_url
+from pgshard.server.base import ServerError, ServerInfo, describe, sqlalchemy_url
 
 
 def external_server(url: str) -> ServerInfo:
-    return describe(sqlalchemy_url(url, database="postgres"), "url (--pg-url)")
+    try:
+        return describe(sqlalchemy_url(url, database="postgres"), "url (--pg-url)")
+    except ServerError as exc:
+        raise ServerError(f"{exc}; check --pg-url (or PGSHARD_URL)") from None
