@@ -92,5 +92,5 @@ def test_malformed_url_is_one_masked_line(project: Project) -> None:
     project.pytester.makepyfile(test_one=ONE_TEST)
     result = project.run("--pg-url", "postgresql://u:pw-Secret@host:abc/db")
     assert result.ret != 0
-    text = _assert_one_clear_line(result, "--pg-url (or PGSHARD_URL) has an invalid port")
+    text = _assert_one_clear_line(result, "--pg-url (or PGSHARD_URL) is not a database URL")
     assert "pw-Secret" not in text

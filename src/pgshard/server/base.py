@@ -134,10 +134,6 @@ def sqlalchemy_url(url: str, database: str | None = None) -> str:
     """Normalise any postgres URL to SQLAlchemy's psycopg 3 form, optionally for another database."""
     parsed = _parse_postgres_url(url.replace("postgres://", "postgresql://", 1) if url.startswith("postgres://")
                                  else url)
-    try:
-        parsed.port  # noqa: B018 -- a non-numeric port only fails when read
-    except ValueError:
-        raise ServerError(f"--pg-url (or PGSHARD_URL) has an invalid port: {mask_url(url)!r}") from None
     parsed = parsed.set(drivername="postgresql+psycopg")
     if database is not None:
         parsed = parsed.set(database=database)
