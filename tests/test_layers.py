@@ -229,3 +229,47 @@ def test_env_placeholders() -> None:
         "DB": "pgshard_ab_gw0", "URL": "postgresql://u:p%40ss@127.0.0.1:5433/pgshard_ab_gw0"}
     with pytest.raises(SettingsError, match="unknown placeholder"):
         env_assignments(["X={nope}"], values)
+
+
+def test_alembic_env_with_fileconfig_leaves_the_callers_logging_alone(
+        admin: Admin, pg_server: ServerInfo, tmp_path: Path) -> None:
+    import logging
+
+    (tmp_path / "alembic" / "versions").mkdir(parents=True)
+    (tmp_path / "alembic" / "env.py").write_text(textwrap.dedent('''
+        from logging.config import fileConfig
+        from alembic import context
+        from sqlalchemy import create_engine, pool
+        fileConfig(context.config.config_file_name)  # what alembic's stock template does
+        engine = create_engine(context.config.get_main_option("sqlalchemy.url"), poolclass=pool.NullPool)
+        with engine.connect() as connection:
+            context.configure(connection=connection)
+            with context.begin_transaction():
+                context.run_migrations()
+        engine.dispose()
+    '''))
+    (tmp_path / "alembic.ini").write_text(textwrap.dedent('''
+        [alembic]
+        script_location = %(here)s/alembic
+        [loggers]
+        keys = root
+        [handlers]
+        keys = console
+        [formatters]
+        keys = generic
+        [logger_root]
+        level = WARNING
+        handlers = console
+        [handler_console]
+        class = StreamHandler
+        args = (sys.stderr,)
+        formatter = generic
+        [formatter_generic]
+        format = %(message)s
+    '''))
+    mine = logging.getLogger("pgshard-test-app")
+    root_handlers = list(logging.getLogger().handlers)
+    Template(admin, pg_server, parse_migrators(["alembic:alembic.ini"], tmp_path), lock_dir=tmp_path,
+             run_id="r").ensure()
+    assert not mine.disabled
+    assert logging.getLogger().handlers == root_handlers

@@ -70,6 +70,25 @@ def _chdir(path: Path) -> Iterator[None]:
         os.chdir(old)
 
 
+@contextlib.contextmanager
+def _logging_kept() -> Iterator[None]:
+    """A stock env.py calls logging.config.fileConfig(), which disables every existing logger and
+    replaces the root handlers (pytest's capture included): put them back after the migration."""
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    disabled = {name: logger.disabled for name, logger in logging.Logger.manager.loggerDict.items()
+                if isinstance(logger, logging.Logger)}
+    try:
+        yield
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        for name, was_disabled in disabled.items():
+            logging.getLogger(name).disabled = was_disabled
+
+
 @dataclass
 class AlembicMigrator:
     """``alembic:alembic.ini`` (optionally ``alembic:alembic.ini@revision``): in-process upgrade."""
@@ -96,7 +115,7 @@ class AlembicMigrator:
     def apply(self, url: str) -> None:
         from alembic import command
 
-        with _chdir(self.ini.parent):
+        with _chdir(self.ini.parent), _logging_kept():
             command.upgrade(self._config(url), self.revision)
 
 

@@ -132,6 +132,8 @@ class Run:
     # -- reporting --------------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
         out: dict[str, Any] = {"worker": self.worker_id}
+        if self.server is not None:  # a worker that found the server itself (pgshard not configured)
+            out["server"] = _server_line(self.server, self.timings.get("server"))
         if self.template is not None:
             out["template"] = {"name": self.template.name, "built": self.template.built,
                                "build_seconds": self.template.build_seconds,
@@ -147,13 +149,19 @@ class Run:
         return out
 
 
+def _server_line(server: ServerInfo, seconds: float | None) -> str:
+    took = f", ready in {seconds:.2f} s" if seconds is not None else ""
+    return f"server: {server.source}, PostgreSQL {server.version}{took} at {mask_url(server.url)}"
+
+
 def summary_lines(server: ServerInfo | None, stats: list[dict[str, Any]], stale: list[str],
                   server_seconds: float | None) -> list[str]:
     """The terminal summary: server, template hit or miss, clone time per worker."""
     lines: list[str] = []
     if server is not None:
-        took = f", ready in {server_seconds:.2f} s" if server_seconds is not None else ""
-        lines.append(f"server: {server.source}, PostgreSQL {server.version}{took} at {mask_url(server.url)}")
+        lines.append(_server_line(server, server_seconds))
+    elif any("server" in s for s in stats):
+        lines.append(next(str(s["server"]) for s in stats if "server" in s))
     if stale:
         lines.append(f"dropped {len(stale)} database(s) left by dead runs: {', '.join(stale)}")
     templates = [s["template"] for s in stats if "template" in s]
