@@ -22,11 +22,13 @@ import pwd
 import re
 import secrets
 import shutil
+import signal
 import socket
 import stat
 import subprocess
 import tempfile
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -289,19 +291,54 @@ class EmbeddedServer:
         if not _port_free(port):
             port = _free_port()
         self._own(self.sockdir, 0o700)
-        try:
-            self._run([str(self.bindir / "pg_ctl"), "-D", str(self.datadir), "-l", str(self.logfile), "-w",
-                       "-t", "60", "-o", f"-p {port}", "start"], detach=True)
+        try:  # -W and our own 10 ms poll: pg_ctl's -w polls in 100 ms steps
+            self._run([str(self.bindir / "pg_ctl"), "-D", str(self.datadir), "-l", str(self.logfile), "-W",
+                       "-o", f"-p {port}", "start"], detach=True)
+            launched = time.monotonic()
+            self._wait(lambda: self._started(time.monotonic() - launched), "start")
         except ServerError as exc:
             raise ServerError(f"{exc}; server log: {self.logfile}") from None
         if secret.get("port") != port:
             self._write_secret({**secret, "port": port})
         return port
 
+    def _postmaster_status(self) -> str | None:
+        """The status line PostgreSQL keeps in postmaster.pid ("starting", "ready", "stopping")."""
+        try:
+            lines = (self.datadir / "postmaster.pid").read_text().splitlines()
+        except OSError:
+            return None
+        return lines[7].strip() if len(lines) > 7 else "starting"
+
+    def _started(self, seconds: float) -> bool:
+        """Ready, or raise when the postmaster is gone or never wrote its pid file (its log says why)."""
+        status = self._postmaster_status()
+        if status == "ready":
+            return True
+        if (status is not None and self.running_port() is None) or (status is None and seconds > 10):
+            raise ServerError("PostgreSQL exited while starting")
+        return False
+
+    def _wait(self, done: Callable[[], bool], what: str, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while not done():
+            if time.monotonic() > deadline:
+                raise ServerError(f"PostgreSQL did not {what} within {timeout:.0f} s")
+            time.sleep(0.01)
+
     def stop(self) -> None:
-        if self.running_port() is not None:
-            self._prepare_binaries()  # as root, the copy the server was started from
-            self._run([str(self.bindir / "pg_ctl"), "-D", str(self.datadir), "-m", "fast", "-w", "stop"])
+        """Fast shutdown (SIGINT to the postmaster, as pg_ctl -m fast does), waiting in 10 ms steps."""
+        try:
+            pid = int((self.datadir / "postmaster.pid").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return
+        if not pid_alive(pid):
+            return
+        try:
+            os.kill(pid, signal.SIGINT)
+        except ProcessLookupError:
+            return
+        self._wait(lambda: not pid_alive(pid), "stop")
 
     # -- leases ----------------------------------------------------------------------------------
     def _live_leases(self) -> list[Path]:
