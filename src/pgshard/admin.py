@@ -100,13 +100,14 @@ class Admin:
         self.close()
 
     # -- reading -----------------------------------------------------------------------------
-    def databases(self, name_like: str | None = None) -> list[DatabaseInfo]:
-        """pgshard's databases on this server (by prefix), with their markers."""
+    def databases(self, name_like: str | None = None, *, sizes: bool = False) -> list[DatabaseInfo]:
+        """pgshard's databases on this server (by prefix), with their markers. Sizes only on request:
+        each one walks the database's directory, which every run start would pay for."""
         pattern = (name_like or self.prefix).replace("\\", "\\\\").replace("_", "\\_").replace("%", "\\%") + "%"
+        size = "coalesce(pg_database_size(d.oid), 0)" if sizes else "0"  # NULL while a concurrent DROP runs
         rows = self.conn.execute(
-            """SELECT d.datname, shobj_description(d.oid, 'pg_database'), d.datistemplate, d.datallowconn,
-                      coalesce(pg_database_size(d.oid), 0),  -- NULL while a concurrent DROP removes it
-                      (SELECT count(*) FROM pg_stat_activity a WHERE a.datid = d.oid)
+            f"""SELECT d.datname, shobj_description(d.oid, 'pg_database'), d.datistemplate, d.datallowconn,
+                      {size}, (SELECT count(*) FROM pg_stat_activity a WHERE a.datid = d.oid)
                FROM pg_database d WHERE d.datname LIKE %s ORDER BY d.datname""",
             (pattern,),
         ).fetchall()

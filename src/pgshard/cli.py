@@ -189,7 +189,7 @@ def survey(admin: Admin, ttl_hours: float) -> list[Entry]:
     host = host_identity()
     stale = set(stale_databases(admin, ttl_hours, now))
     entries = []
-    for db in admin.databases():
+    for db in admin.databases(sizes=True):
         marker = db.marker
         alive = None if marker is None or marker.host != host else pid_alive(marker.pid)
         age = now - marker.started if marker else 0.0
