@@ -1,0 +1,157 @@
+"""``python -m benchmarks run [--size 1000] [--rounds 3] [--only strategies,peers,scaling]``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks import contenders as registry
+from benchmarks import report
+from benchmarks.contenders import Contender
+from benchmarks.generate import Project, generate
+from benchmarks.runner import Dirs, RunResult, run
+from benchmarks.server import Bench, bench_server, code_version, default_server_dir, machine, stop_embedded
+
+HERE = Path(__file__).resolve().parent
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    bench = sub.add_parser("run", help="generate the suite, run every contender in alternating rounds, report")
+    bench.add_argument("--rounds", type=int, default=3, help="rounds; each runs every contender once (default 3)")
+    bench.add_argument("--only", help=f"groups ({', '.join(registry.GROUPS)}) and/or contender names, "
+                                      f"comma separated: {', '.join(registry.BY_NAME)}")
+    again = sub.add_parser("report", help="render results.md and results.png again from results.json")
+    for each in (bench, again):
+        each.add_argument("--results-dir", type=Path, default=HERE / "results")
+    prof = sub.add_parser("profile", help="run one contender once under cProfile and print where time goes")
+    prof.add_argument("contender", choices=list(registry.BY_NAME))
+    prof.add_argument("--top", type=int, default=40, help="how many functions to print (default 40)")
+    for each in (bench, prof):
+        each.add_argument("--size", type=int, default=1000, help="tests in the generated suite (default 1000)")
+        each.add_argument("--subset", type=int, default=40, help="tests the expensive strategies run on (default 40)")
+        each.add_argument("--work-dir", type=Path, default=HERE / "work", help="where the suite is generated")
+        each.add_argument("--server-dir", type=Path, default=default_server_dir(),
+                          help="cache directory of the benchmark's PostgreSQL server (default: %(default)s)")
+    args = parser.parse_args(argv)
+    if args.command != "report" and min(args.size, getattr(args, "rounds", 1), args.subset) < 1:
+        parser.error("--size, --rounds and --subset must be positive")
+    return args
+
+
+def _prepare(contender: Contender, bench: Bench, dirs: Dirs) -> None:
+    """Untimed set-up before a run: a clean bare database, an empty cache dir for the cold start."""
+    if contender.conftest == "bare":
+        bench.reset_bare()
+    if contender.server == "cold":
+        stop_embedded(dirs.cold, remove=True)
+
+
+def _run(contender: Contender, bench: Bench, project: Project, dirs: Dirs, subset: int, round_no: int) -> RunResult:
+    _prepare(contender, bench, dirs)
+    result = run(contender, bench, project, dirs, subset, round_no)
+    status = "ok" if result.ok else "FAILED"
+    tag = "warm-up" if round_no == 0 else f"round {round_no}"
+    print(f"  [{tag}] {contender.name:<22} {result.wall:8.2f} s  {result.passed}/{result.expected} {status}",
+          flush=True)
+    if not result.ok:
+        print("    " + result.error.replace("\n", "\n    "), flush=True)
+    return result
+
+
+def _dirs(server_dir: Path) -> Dirs:
+    def sibling(suffix: str) -> Path:
+        return server_dir.with_name(server_dir.name + suffix)
+
+    return Dirs(server_dir, sibling("-warm"), sibling("-cold"))
+
+
+def profile(args: argparse.Namespace) -> int:
+    """One warm-up run, then one under cProfile; prints the top functions by cumulative time."""
+    import pstats
+
+    contender = registry.BY_NAME[args.contender]
+    project = generate(args.work_dir.resolve(), args.size)
+    dirs = _dirs(args.server_dir.resolve())
+    out = project.root.parent / f"profile-{contender.name}.prof"  # the work dir: never committed by accident
+    with bench_server(dirs.shared) as bench:
+        try:
+            bench.prepare_base(project.root)
+            _run(contender, bench, project, dirs, args.subset, 0)
+            _prepare(contender, bench, dirs)
+            result = run(contender, bench, project, dirs, args.subset, 1, profile=out)
+        finally:
+            stop_embedded(dirs.warm, remove=True)
+            stop_embedded(dirs.cold, remove=True)
+    print(f"{contender.name}: {result.wall:.2f} s under cProfile (pytest's own process only); profile in {out}")
+    pstats.Stats(str(out)).sort_stats("cumulative").print_stats(args.top)
+    return 0 if result.ok else 1
+
+
+def _print(stats: dict[str, report.Stat], goals: list[report.Target], facts: dict[str, Any]) -> None:
+    print(f"\n{facts['cores']} cores ({facts['cpu']}), PostgreSQL {facts['postgresql']}, "
+          f"data dir on {facts['data_dir_filesystem']}, Python {facts['python']}; {facts.get('load_during_runs', '')}")
+    print("\n" + "\n".join(report.headline(stats, goals)))
+    print("\n" + "\n".join(report.overhead_table(stats, report.SECTIONS[0][2])))
+
+
+def rerender(args: argparse.Namespace) -> int:
+    data = json.loads((args.results_dir / "results.json").read_text())
+    results = [RunResult(**run) for run in data["runs"]]
+    chosen = [registry.BY_NAME[name] for name in data["contenders"]]
+    stats, goals = report.write(args.results_dir, chosen, results, data["machine"], data["config"])
+    _print(stats, goals, data["machine"])
+    return 0
+
+
+def run_benchmarks(args: argparse.Namespace) -> int:
+    chosen = registry.select(args.only)
+    started = time.perf_counter()
+    project = generate(args.work_dir.resolve(), args.size)
+    server_dir = args.server_dir.resolve()
+    dirs = _dirs(server_dir)
+    results: list[RunResult] = []
+    code = code_version()
+    print(f"pgshard benchmarks ({code}): {len(project.tests)} tests, {args.rounds} round(s), {len(chosen)} contenders; "
+          f"project in {project.root}", flush=True)
+    with bench_server(server_dir) as bench:
+        try:
+            bench.prepare_base(project.root)
+            for contender in chosen:
+                if contender.warmup:
+                    warm = _run(contender, bench, project, dirs, args.subset, 0)
+                    if not warm.ok:
+                        return 1
+            for round_no in range(1, args.rounds + 1):
+                for contender in chosen:
+                    results.append(_run(contender, bench, project, dirs, args.subset, round_no))
+        finally:
+            stop_embedded(dirs.warm, remove=True)
+            stop_embedded(dirs.cold, remove=True)
+        facts = machine(bench)
+    facts["load_during_runs"] = report.load_summary(results, int(facts["cores"] or 1))
+    config = {"command": "python -m benchmarks " + shlex.join(sys.argv[1:] if args.argv is None else args.argv),
+              "size": len(project.tests), "rounds": args.rounds, "subset": min(args.subset, len(project.tests)),
+              "commit_tests": len(project.commit_tests), "only": args.only, "pgshard": code,
+              "total_seconds": round(time.perf_counter() - started, 1)}
+    if code_version() != code:  # someone changed pgshard while we measured: the rounds mix two versions
+        config["pgshard_changed_during_run"] = code_version()
+        print(f"WARNING: pgshard's sources changed during the run (now {code_version()}); rerun to compare like "
+              "with like", flush=True)
+    stats, goals = report.write(args.results_dir, chosen, results, facts, config)
+    _print(stats, goals, facts)
+    print(f"\nresults: {args.results_dir / 'results.md'} (+ .json, .png); took {config['total_seconds']} s")
+    return 0 if all(r.ok for r in results) else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    args.argv = argv
+    commands = {"run": run_benchmarks, "profile": profile, "report": rerender}
+    return commands[args.command](args)

@@ -1,0 +1,86 @@
+"""Every contender the harness can run: which conftest (or pgshard), on which tests, with which options.
+
+Selections: ``full`` is the whole generated suite, ``subset`` its first ``--subset`` tests (for the
+strategies that cost ~0.1-1 s per test), ``one`` its first test (start-up cost), ``commit`` the db_commit
+suite. Per-test overhead is always measured against ``bare`` on the same selection. The ``bare`` runs
+under ``-n 2`` share one database, which the tests allow (each writes values of its own).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+GROUPS = ("strategies", "peers", "scaling")
+CONFTESTS = "benchmarks.conftests."
+
+
+@dataclass(frozen=True)
+class Contender:
+    name: str
+    label: str
+    groups: tuple[str, ...]
+    selection: str  # full, subset, one, commit
+    conftest: str | None = None  # module under benchmarks/conftests; None: pgshard, configured by the ini
+    args: tuple[str, ...] = ()
+    env: dict[str, str] = field(default_factory=dict)
+    server: str = "shared"  # shared (--pg-url), warm (own embedded, cached), cold (own embedded, fresh dir)
+    warmup: bool = False  # run once, untimed, before round 1 (bytecode, templates)
+
+    @property
+    def is_pgshard(self) -> bool:
+        return self.conftest is None
+
+    @property
+    def baseline(self) -> str | None:
+        """The bare run on the same tests, which this contender's overhead is measured against."""
+        if self.conftest == "bare" or self.selection == "commit" or self.args or self.env:
+            return None
+        return {"full": "bare", "subset": "bare_subset", "one": "bare_one"}[self.selection]
+
+
+WORK = {"BENCH_WORK_MS": "10"}
+
+ALL: tuple[Contender, ...] = (
+    Contender("bare", "bare connection, no isolation", GROUPS, "full", "bare", warmup=True),
+    Contender("pgshard", "pgshard savepoint (db_session)", GROUPS, "full", warmup=True),
+    Contender("truncate", "TRUNCATE 30 tables + re-seed", ("strategies",), "subset", "truncate"),
+    Contender("pytest_postgresql", "pytest-postgresql (clone per test)", ("peers",), "full",
+              "pytest_postgresql_peer"),
+    Contender("bare_subset", "bare connection, no isolation", ("strategies", "peers"), "subset", "bare"),
+    Contender("drop_create", "drop_all + create_all + seed", ("strategies",), "subset", "drop_create"),
+    Contender("clone", "CREATE DATABASE TEMPLATE per test", ("strategies",), "subset", "clone_per_test"),
+    Contender("blog_recipe", "blog post recipe (alembic subprocess)", ("strategies", "peers"), "subset",
+              "blog_recipe"),
+    Contender("pgshard_n2", "pgshard -n 2", ("scaling",), "full", args=("-n", "2")),
+    Contender("pgshard_nauto", "pgshard -n auto", ("scaling",), "full", args=("-n", "auto")),
+    Contender("bare_n2", "bare connection, -n 2 (xdist alone)", ("scaling",), "full", "bare", args=("-n", "2")),
+    Contender("work_serial", "pgshard serial, 10 ms work/test", ("scaling",), "full", env=WORK),
+    Contender("work_n2", "pgshard -n 2, 10 ms work/test", ("scaling",), "full", args=("-n", "2"), env=WORK),
+    Contender("work_bare_serial", "bare serial, 10 ms work/test", ("scaling",), "full", "bare", env=WORK),
+    Contender("work_bare_n2", "bare -n 2, 10 ms work/test (xdist alone)", ("scaling",), "full", "bare",
+              args=("-n", "2"), env=WORK),
+    Contender("commit_pool", "pgshard db_commit (pre-warmed pool)", ("scaling",), "commit", warmup=True),
+    Contender("commit_naive", "naive clone per db_commit test", ("scaling",), "commit", "clone_per_test"),
+    Contender("bare_one", "bare connection, 1 test", ("scaling",), "one", "bare"),
+    Contender("start_warm_url", "warm: server running, template cached", ("scaling",), "one"),
+    Contender("start_warm_embedded", "warm: embedded server stopped, cache kept", ("scaling",), "one",
+              server="warm", warmup=True),
+    Contender("start_cold_rebuild", "cold: --pg-rebuild (template built)", ("scaling",), "one",
+              args=("--pg-rebuild",)),
+    Contender("start_cold_fresh", "cold: fresh cache dir (initdb + build)", ("scaling",), "one", server="cold"),
+)
+BY_NAME = {c.name: c for c in ALL}
+
+
+def select(only: str | None) -> list[Contender]:
+    """Contenders of the named groups and/or contender names (comma separated), plus their baselines."""
+    if not only:
+        return list(ALL)
+    wanted = {w.strip() for w in only.split(",") if w.strip()}
+    unknown = wanted - set(GROUPS) - set(BY_NAME)
+    if unknown:
+        raise SystemExit(f"--only: unknown {', '.join(sorted(unknown))}; "
+                         f"groups: {', '.join(GROUPS)}; contenders: {', '.join(BY_NAME)}")
+    chosen = {c.name for c in ALL if c.name in wanted or wanted & set(c.groups)}
+    chosen |= {c.baseline for c in ALL if c.name in chosen and c.baseline}
+    return [c for c in ALL if c.name in chosen]

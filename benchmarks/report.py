@@ -1,0 +1,275 @@
+"""Turn the raw runs into numbers (medians, overheads, ratios, targets) and write results.{json,md,png}.
+
+Per-test overhead, two ways, both against ``bare`` (the same tests, no isolation) in the same round:
+- in-run (the headline): mean of pytest's own setup+call+teardown per test, leaving out the first and the
+  last test (they carry the session-scoped set-up and tear-down), minus bare's; median over rounds. This is
+  the steady-state cost of the isolation itself.
+- wall: (wall time of the run - wall time of bare) / tests; median over rounds. It also charges the
+  strategy's one-off costs (template build, clone, imports) to the tests of that run.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from benchmarks.contenders import Contender
+from benchmarks.runner import RunResult
+
+
+@dataclass
+class Stat:
+    name: str
+    label: str
+    selection: str
+    tests: int
+    walls: list[float]
+    wall: float  # median
+    cpu: float  # median CPU seconds of the pytest processes
+    inrun_ms: float  # median over rounds of the steady-state in-run time per test
+    overhead_ms: float | None = None  # per test, vs bare on the same tests (wall method)
+    inrun_overhead_ms: float | None = None  # per test, vs bare (in-run method: the headline)
+    errors: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Target:
+    what: str
+    goal: str
+    measured: float | None
+    unit: str
+    met: bool | None
+    note: str = ""
+
+
+def _median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def summarise(contenders: list[Contender], results: list[RunResult]) -> dict[str, Stat]:
+    stats: dict[str, Stat] = {}
+    for c in contenders:
+        mine = [r for r in results if r.name == c.name]
+        good = [r for r in mine if r.ok]
+        stats[c.name] = Stat(c.name, c.label, c.selection, mine[0].expected if mine else 0,
+                             [r.wall for r in good], _median([r.wall for r in good]), _median([r.cpu for r in good]),
+                             _median([r.steady_ms for r in good if r.steady_ms == r.steady_ms]),
+                             errors=[r.error for r in mine if not r.ok])
+    for c in contenders:
+        base = stats.get(c.baseline or "")
+        stat = stats[c.name]
+        if base is None or not stat.walls or not base.walls:
+            continue
+        by_round = {r.round: r.wall for r in results if r.name == base.name and r.ok}
+        paired = [r.wall - by_round[r.round] for r in results if r.name == c.name and r.ok and r.round in by_round]
+        stat.overhead_ms = _median(paired) / stat.tests * 1000 if paired else None
+        stat.inrun_overhead_ms = stat.inrun_ms - base.inrun_ms
+    return stats
+
+
+def _ratio(stats: dict[str, Stat], num: str, den: str, key: Callable[[Stat], float | None]) -> float | None:
+    if num not in stats or den not in stats:
+        return None
+    a, b = key(stats[num]), key(stats[den])
+    if a is None or b is None or b <= 0 or a != a or b != b:
+        return None
+    return a / b
+
+
+def at_least(goal: float) -> Callable[[float], bool]:
+    return lambda value: value >= goal
+
+
+def targets(stats: dict[str, Stat], size: int) -> list[Target]:
+    """The project's targets, for the contenders that ran (a failed contender shows as n/a)."""
+    inrun: Callable[[Stat], float | None] = lambda s: s.inrun_overhead_ms  # noqa: E731
+    overhead: Callable[[Stat], float | None] = lambda s: s.overhead_ms  # noqa: E731
+    wall: Callable[[Stat], float | None] = lambda s: s.wall  # noqa: E731
+    out = []
+
+    def add(names: tuple[str, ...], what: str, goal: str, measured: float | None, unit: str,
+            ok: Callable[[float], bool], note: str = "") -> None:
+        if all(name in stats for name in names):
+            out.append(Target(what, goal, measured, unit, None if measured is None else ok(measured), note))
+
+    for other, goal, label in (("blog_recipe", 100, "the blog post's recipe"), ("clone", 20, "a clone per test")):
+        by_wall = _ratio(stats, other, "pgshard", overhead)
+        add((other, "pgshard"), f"per-test overhead: pgshard vs {label}", f">= {goal}x lower",
+            _ratio(stats, other, "pgshard", inrun), "x", at_least(goal), f"wall method: {_f(by_wall, 0)}x")
+    add(("pytest_postgresql", "pgshard"), f"{size}-test suite end to end vs pytest-postgresql", ">= 10x faster",
+        _ratio(stats, "pytest_postgresql", "pgshard", wall), "x", at_least(10))
+    bare = _ratio(stats, "work_bare_serial", "work_bare_n2", wall)
+    note = f"bare (no pgshard) gets {_f(bare)}x" if bare else ""
+    if "work_serial" in stats and "work_n2" in stats:
+        note += f"; CPU s serial -> -n 2: {stats['work_serial'].cpu:.1f} -> {stats['work_n2'].cpu:.1f}"
+    add(("work_serial", "work_n2"), "-n 2 vs serial, 10 ms of work per test", ">= 1.6x faster",
+        _ratio(stats, "work_serial", "work_n2", wall), "x", at_least(1.6), note.strip("; "))
+    start: dict[str, float] = {
+        n: stats[n].wall - stats["bare_one"].wall for n in ("start_warm_url", "start_warm_embedded")
+        if n in stats and "bare_one" in stats and stats[n].walls and stats["bare_one"].walls}
+    note = ""
+    if "start_warm_url" in start and "start_warm_embedded" in start:
+        server_seconds = start["start_warm_embedded"] - start["start_warm_url"]
+        note = f"of which starting and stopping the server: {server_seconds:.2f} s"
+    for name, label in (("start_warm_url", "server running"), ("start_warm_embedded", "embedded server stopped")):
+        add((name, "bare_one"), f"warm-start overhead ({label})", "<= 0.5 s", start.get(name), "s",
+            lambda seconds: seconds <= 0.5, note if name == "start_warm_embedded" else "")
+    return out
+
+
+# -- rendering ------------------------------------------------------------------------------------------------
+def _f(value: float | None, digits: int = 2) -> str:
+    return "n/a" if value is None or value != value else f"{value:,.{digits}f}"
+
+
+def _table(head: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|",
+            *["| " + " | ".join(row) + " |" for row in rows]]
+
+
+def headline(stats: dict[str, Stat], goals: list[Target]) -> list[str]:
+    verdict = {True: "met", False: "MISSED", None: "n/a"}
+    rows = [[t.what, t.goal, f"{_f(t.measured, 2 if (t.measured or 0) < 10 else 1)} {t.unit}", verdict[t.met],
+             t.note] for t in goals]
+    return _table(["target", "goal", "measured", "", "note"], rows)
+
+
+def overhead_table(stats: dict[str, Stat], names: list[str]) -> list[str]:
+    ref = stats.get("pgshard")
+    rows = []
+    for name in names:
+        s = stats.get(name)
+        if s is None:
+            continue
+        ratio = _ratio(stats, name, "pgshard", lambda x: x.inrun_overhead_ms) if ref else None
+        rows.append([s.label, str(s.tests), _f(s.inrun_overhead_ms, 2), _f(s.overhead_ms, 2), _f(s.wall),
+                     "" if ratio is None else f"{ratio:,.0f}x"])
+    return _table(["contender", "tests", "overhead ms/test (in-run)", "overhead ms/test (wall)", "wall s",
+                   "vs pgshard (in-run)"], rows)
+
+
+def wall_table(stats: dict[str, Stat], names: list[str], ref: str, delta: bool = False) -> list[str]:
+    rows = []
+    for name in names:
+        s = stats.get(name)
+        if s is None or ref not in stats:
+            continue
+        if delta:
+            compared = f"{s.wall - stats[ref].wall:+.2f} s"
+        else:
+            ratio = _ratio(stats, name, ref, lambda x: x.wall)
+            compared = "" if ratio is None else f"{ratio:.2f}x"
+        rows.append([s.label, str(s.tests), _f(s.wall), ", ".join(_f(w) for w in s.walls), _f(s.cpu), compared])
+    what = "time minus" if delta else "time relative to"
+    return _table(["contender", "tests", "wall s (median)", "rounds", "CPU s", f"{what} {stats[ref].label}"]
+                  if ref in stats else ["(no reference run)"], rows)
+
+
+SECTIONS: list[tuple[str, str, list[str], str | None]] = [
+    ("Per-test overhead of isolation strategies", "overhead",
+     ["pgshard", "truncate", "drop_create", "clone", "blog_recipe", "pytest_postgresql"], None),
+    ("Whole suite, serial, end to end", "wall", ["bare", "pgshard", "pytest_postgresql"], "pgshard"),
+    ("Parallel: -n 2 / -n auto", "wall", ["pgshard", "pgshard_n2", "pgshard_nauto", "bare", "bare_n2"],
+     "pgshard"),
+    ("Parallel with 10 ms of work per test", "wall", ["work_serial", "work_n2", "work_bare_serial", "work_bare_n2"],
+     "work_serial"),
+    ("db_commit tests: pre-warmed pool vs a naive clone per test", "wall", ["commit_pool", "commit_naive"],
+     "commit_pool"),
+    ("Start-up: one test, cold and warm", "wall",
+     ["bare_one", "start_warm_url", "start_warm_embedded", "start_cold_rebuild", "start_cold_fresh"], "bare_one"),
+]
+
+
+def markdown(stats: dict[str, Stat], goals: list[Target], machine: dict[str, Any], config: dict[str, Any]) -> str:
+    lines = ["# pgshard benchmark results", "", f"Command: `{config['command']}`  ", f"Date: {machine['date']}  ",
+             f"pgshard: {config.get('pgshard', 'unknown')}", "",
+             "## Targets", "", *headline(stats, goals), ""]
+    for title, kind, names, ref in SECTIONS:
+        if not any(n in stats for n in names):
+            continue
+        lines += [f"## {title}", ""]
+        if kind == "overhead":
+            lines += overhead_table(stats, names)
+        else:
+            lines += wall_table(stats, names, ref or names[0], delta=ref == "bare_one")
+        lines.append("")
+    subset = [s.label for s in stats.values() if s.selection == "subset" and s.name != "bare_subset"]
+    if subset:
+        lines += [f"The expensive strategies ({', '.join(subset)}) ran on the first {config['subset']} tests only;",
+                  "their overhead is per test, against bare on those same tests.", ""]
+    lines += ["## Machine", "", *_table(["", ""], [[k, str(v)] for k, v in machine.items()]), "",
+              "## Method", "", f"{config['rounds']} round(s); each round runs every contender once, in the same order, "
+              "each in a fresh `python -m pytest` process on the same PostgreSQL server; medians over rounds.",
+              "Per-test overhead, in-run (headline): mean of pytest's setup+call+teardown per test, first and "
+              "last test left out, minus bare's on the same tests. Wall: (wall of the run - wall of bare, same "
+              "round) / tests, so it includes one-off costs. CPU s: user+system time of the pytest processes "
+              "(not the server's). See benchmarks/README.md.", ""]
+    if config.get("pgshard_changed_during_run"):
+        lines += [f"**pgshard's sources changed during this run** (to {config['pgshard_changed_during_run']}): "
+                  "its rounds mix two versions.", ""]
+    errors = [(s.label, e) for s in stats.values() for e in s.errors]
+    if errors:
+        lines += ["## Errors", ""] + [f"- {label}:\n\n```\n{e}\n```" for label, e in errors]
+    return "\n".join(lines) + "\n"
+
+
+def chart(stats: dict[str, Stat], path: Path) -> bool:
+    """The PNG; False when matplotlib is missing (it is in the ``bench`` extra, not in ``dev``)."""
+    try:
+        import matplotlib
+    except ImportError:
+        return False
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("per-test overhead (in-run), ms, log scale",
+               [(s.label, s.inrun_overhead_ms) for n in SECTIONS[0][2]
+                if (s := stats.get(n)) and s.inrun_overhead_ms and s.inrun_overhead_ms > 0], True)]
+    for title, _, names, _ in SECTIONS[1:]:
+        bars = [(s.label, s.wall) for n in names if (s := stats.get(n)) and s.walls]
+        panels.append((title + ", wall s", bars, False))
+    panels = [panel for panel in panels if panel[1]]
+    if not panels:
+        return True
+    fig, axes = plt.subplots(len(panels), 1, figsize=(9, 1.1 + sum(0.45 * len(p[1]) + 0.8 for p in panels)))
+    for ax, (title, bars, log) in zip(axes if len(panels) > 1 else [axes], panels, strict=True):
+        labels, values = [b[0] for b in bars], [b[1] for b in bars]
+        ax.barh(range(len(values)), values, color="#4C72B0")
+        ax.set_yticks(range(len(values)), labels, fontsize=8)
+        ax.invert_yaxis()
+        ax.set_title(title, fontsize=9, loc="left")
+        if log:
+            ax.set_xscale("log")
+        for i, v in enumerate(values):
+            ax.text(v, i, f" {v:,.2f}", va="center", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def load_summary(results: list[RunResult], cores: int) -> str:
+    """How busy the machine was (others' work included): noise shows here first."""
+    loads = sorted(r.load for r in results) or [float("nan")]
+    return (f"1-min load average at the start of each run: median {statistics.median(loads):.2f}, "
+            f"max {loads[-1]:.2f} ({cores} = every core busy)")
+
+
+def write(results_dir: Path, contenders: list[Contender], results: list[RunResult], machine: dict[str, Any],
+          config: dict[str, Any]) -> tuple[dict[str, Stat], list[Target]]:
+    stats = summarise(contenders, results)
+    goals = targets(stats, config["size"])
+    results_dir.mkdir(parents=True, exist_ok=True)
+    data = {"config": config, "machine": machine, "targets": [asdict(t) for t in goals],
+            "contenders": {n: asdict(s) for n, s in stats.items()},
+            "runs": [asdict(r) for r in results]}
+    (results_dir / "results.json").write_text(json.dumps(data, indent=1) + "\n")
+    (results_dir / "results.md").write_text(markdown(stats, goals, machine, config))
+    if not chart(stats, results_dir / "results.png"):
+        print("matplotlib is not installed: no results.png (pip install -e '.[bench]')")
+    return stats, goals
