@@ -291,31 +291,40 @@ class EmbeddedServer:
         if not _port_free(port):
             port = _free_port()
         self._own(self.sockdir, 0o700)
+        stale_pid = self._pidfile_pid()
         try:  # -W and our own 10 ms poll: pg_ctl's -w polls in 100 ms steps
             self._run([str(self.bindir / "pg_ctl"), "-D", str(self.datadir), "-l", str(self.logfile), "-W",
                        "-o", f"-p {port}", "start"], detach=True)
             launched = time.monotonic()
-            self._wait(lambda: self._started(time.monotonic() - launched), "start")
+            self._wait(lambda: self._started(time.monotonic() - launched, stale_pid), "start")
         except ServerError as exc:
             raise ServerError(f"{exc}; server log: {self.logfile}") from None
         if secret.get("port") != port:
             self._write_secret({**secret, "port": port})
         return port
 
-    def _postmaster_status(self) -> str | None:
-        """The status line PostgreSQL keeps in postmaster.pid ("starting", "ready", "stopping")."""
+    def _postmaster_status(self, stale_pid: int | None = None) -> str | None:
+        """The status line PostgreSQL keeps in postmaster.pid ("starting", "ready", "stopping"); "dead"
+        when the pid it names has exited (a crashed server's file, ``stale_pid``, is not ours to judge:
+        the new postmaster replaces it); None before the file exists."""
         try:
             lines = (self.datadir / "postmaster.pid").read_text().splitlines()
         except OSError:
             return None
-        return lines[7].strip() if len(lines) > 7 else "starting"
+        if lines and lines[0].strip().isdigit():
+            pid = int(lines[0])
+            if pid == stale_pid:
+                return None
+            if not pid_alive(pid):
+                return "dead"
+        return lines[7].strip() if len(lines) > 7 else "starting"  # the file is written in steps
 
-    def _started(self, seconds: float) -> bool:
+    def _started(self, seconds: float, stale_pid: int | None) -> bool:
         """Ready, or raise when the postmaster is gone or never wrote its pid file (its log says why)."""
-        status = self._postmaster_status()
+        status = self._postmaster_status(stale_pid)
         if status == "ready":
             return True
-        if (status is not None and self.running_port() is None) or (status is None and seconds > 10):
+        if status == "dead" or (status is None and seconds > 10):
             raise ServerError("PostgreSQL exited while starting")
         return False
 
@@ -326,13 +335,16 @@ class EmbeddedServer:
                 raise ServerError(f"PostgreSQL did not {what} within {timeout:.0f} s")
             time.sleep(0.01)
 
+    def _pidfile_pid(self) -> int | None:
+        try:
+            return int((self.datadir / "postmaster.pid").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+
     def stop(self) -> None:
         """Fast shutdown (SIGINT to the postmaster, as pg_ctl -m fast does), waiting in 10 ms steps."""
-        try:
-            pid = int((self.datadir / "postmaster.pid").read_text().split()[0])
-        except (OSError, ValueError, IndexError):
-            return
-        if not pid_alive(pid):
+        pid = self._pidfile_pid()
+        if pid is None or not pid_alive(pid):
             return
         try:
             os.kill(pid, signal.SIGINT)
