@@ -32,8 +32,8 @@ def override_dependency(app: Any, dependency: Callable[..., Any] | None, provide
         try:
             yield value
         finally:
-            if close:
-                value.close()
+            if close and inspect.isawaitable(closing := value.close()):  # AsyncSession.close is a coroutine
+                await closing
 
     is_async = inspect.isasyncgenfunction(dependency) or inspect.iscoroutinefunction(dependency)
     overrides[dependency] = _async if is_async else _sync

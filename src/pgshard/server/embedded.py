@@ -200,13 +200,19 @@ class EmbeddedServer:
         password = str(self._secret().get("password", ""))
         return f"postgresql+psycopg://{SUPERUSER}:{password}@127.0.0.1:{port}/postgres"
 
-    def running_port(self) -> int | None:
-        """The port of a live postmaster for our data directory, from postmaster.pid."""
+    def _pidfile(self) -> tuple[int | None, list[str]]:
+        """postmaster.pid as (pid, lines); (None, []) when absent. PostgreSQL writes it in steps, so
+        the pid or later lines may be missing for a moment."""
         try:
             lines = (self.datadir / "postmaster.pid").read_text().splitlines()
         except OSError:
-            return None
-        if len(lines) < 4 or not lines[0].strip().isdigit() or not pid_alive(int(lines[0])):
+            return None, []
+        return (int(lines[0]) if lines and lines[0].strip().isdigit() else None), lines
+
+    def running_port(self) -> int | None:
+        """The port of a live postmaster for our data directory, from postmaster.pid."""
+        pid, lines = self._pidfile()
+        if pid is None or len(lines) < 4 or not pid_alive(pid):
             return None
         return int(lines[3])
 
@@ -291,7 +297,7 @@ class EmbeddedServer:
         if not _port_free(port):
             port = _free_port()
         self._own(self.sockdir, 0o700)
-        stale_pid = self._pidfile_pid()
+        stale_pid = self._pidfile()[0]
         try:  # -W and our own 10 ms poll: pg_ctl's -w polls in 100 ms steps
             self._run([str(self.bindir / "pg_ctl"), "-D", str(self.datadir), "-l", str(self.logfile), "-W",
                        "-o", f"-p {port}", "start"], detach=True)
@@ -307,17 +313,12 @@ class EmbeddedServer:
         """The status line PostgreSQL keeps in postmaster.pid ("starting", "ready", "stopping"); "dead"
         when the pid it names has exited (a crashed server's file, ``stale_pid``, is not ours to judge:
         the new postmaster replaces it); None before the file exists."""
-        try:
-            lines = (self.datadir / "postmaster.pid").read_text().splitlines()
-        except OSError:
+        pid, lines = self._pidfile()
+        if not lines or (pid is not None and pid == stale_pid):
             return None
-        if lines and lines[0].strip().isdigit():
-            pid = int(lines[0])
-            if pid == stale_pid:
-                return None
-            if not pid_alive(pid):
-                return "dead"
-        return lines[7].strip() if len(lines) > 7 else "starting"  # the file is written in steps
+        if pid is not None and not pid_alive(pid):
+            return "dead"
+        return lines[7].strip() if len(lines) > 7 else "starting"
 
     def _started(self, seconds: float, stale_pid: int | None) -> bool:
         """Ready, or raise when the postmaster is gone or never wrote its pid file (its log says why)."""
@@ -335,15 +336,9 @@ class EmbeddedServer:
                 raise ServerError(f"PostgreSQL did not {what} within {timeout:.0f} s")
             time.sleep(0.01)
 
-    def _pidfile_pid(self) -> int | None:
-        try:
-            return int((self.datadir / "postmaster.pid").read_text().split()[0])
-        except (OSError, ValueError, IndexError):
-            return None
-
     def stop(self) -> None:
         """Fast shutdown (SIGINT to the postmaster, as pg_ctl -m fast does), waiting in 10 ms steps."""
-        pid = self._pidfile_pid()
+        pid = self._pidfile()[0]
         if pid is None or not pid_alive(pid):
             return
         try:
