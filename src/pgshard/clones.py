@@ -89,7 +89,8 @@ class Clones:
     def _clone(self, admin: Admin, name: str) -> float:
         seconds = admin.create(name, self._marker(), template=self.template, strategy=clone_strategy(self.server))
         with self._names_lock:
-            self.created.append(name)
+            if name not in self.created:
+                self.created.append(name)
         return seconds
 
     def worker_database(self) -> Database:
@@ -98,6 +99,26 @@ class Clones:
             self.admin.drop(name, force=True)
         self.times.worker_clone = self._clone(self.admin, name)
         return self._database(name)
+
+    def owns(self, name: str) -> bool:
+        """This worker's database or one of its db_commit clones (names this run made for this worker)."""
+        base = worker_database_name(self.prefix, self.run_id, self.worker_id)
+        return name == base or name.startswith(base + "_t")
+
+    def recreate(self, name: str) -> bool:
+        """A fresh clone of the template under one of this worker's names; False when it already exists."""
+        if not self.owns(name):
+            raise ServerError(f"pgshard creates only this worker's databases, not {name}")
+        if self.admin.exists(name):
+            return False
+        self._clone(self.admin, name)
+        return True
+
+    def drop(self, name: str) -> bool:
+        """Drop one of this worker's databases now (its sessions ended); False when it does not exist."""
+        if not self.owns(name):
+            raise ServerError(f"pgshard drops only this worker's databases, not {name}")
+        return self.admin.drop(name, force=True)
 
     # -- db_commit pool ----------------------------------------------------------------------------
     def _next_name(self) -> str:

@@ -18,6 +18,7 @@ from sqlalchemy import create_engine
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
+from pgshard import redirect
 from pgshard.clones import Database
 from pgshard.fastapi import make_async_client, make_client, override_dependency
 from pgshard.migrate import MigrationError
@@ -82,6 +83,12 @@ def pytest_load_initial_conftests(early_config: pytest.Config, parser: pytest.Pa
                 run.start_server()
                 os.environ[HANDOFF] = run.handoff()
         os.environ.update(run.database_env())
+        if settings.redirect:  # before any conftest builds an engine or overwrites os.environ
+            if run.server is None:
+                raise SettingsError("pgshard_redirect needs pgshard's server in every worker; "
+                                    "load pgshard as a plugin (not late with -p) and run pytest-xdist >= 3.5")
+            redirect.install(settings.redirect, run.database_url())
+            redirect.handle_ddl(run)
     except (SettingsError, ServerError, ShardError) as exc:
         raise _fail_usage(exc) from None
     early_config.stash[RUN] = run
@@ -249,6 +256,7 @@ def pg_database(request: pytest.FixtureRequest, pg_template: Any) -> Iterator[Da
     """This worker's own clone of the template: ``.name``, ``.url``."""
     run = _run(request)
     database: Database = _guard(run.worker_database)
+    redirect.install(run.settings.redirect, database.url)  # followed engines land here outside db_commit tests
     if run.wants_commit_pool and run.clones is not None:
         run.clones.start_pool()
     yield database
@@ -360,9 +368,13 @@ def _pgshard_db_commit(request: pytest.FixtureRequest) -> Iterator[None]:
     engine = create_engine(database.url, pool_size=10, max_overflow=20)
     maker = _app_object(request, "sessionmaker")
     request.node.stash[_COMMIT_DB] = (database, engine)
+    followed = _follow_app_engines(request, maker)
     try:
-        with temporary_env(run.database_env(database.name)), contextlib.ExitStack() as stack:
-            if maker is not None and is_async_maker(maker):
+        with temporary_env(run.database_env(database.name)), redirect.retarget(database.url), \
+                contextlib.ExitStack() as stack:
+            if maker is not None and maker.kw.get("bind") in followed:
+                pass  # the app's own engine behind its sessionmaker now lands on the clone
+            elif maker is not None and is_async_maker(maker):
                 from sqlalchemy.ext.asyncio import create_async_engine
                 from sqlalchemy.pool import NullPool
 
@@ -377,6 +389,22 @@ def _pgshard_db_commit(request: pytest.FixtureRequest) -> Iterator[None]:
 
 
 _COMMIT_DB = pytest.StashKey[tuple[Database, Engine]]()
+
+
+def _follow_app_engines(request: pytest.FixtureRequest, maker: Any) -> list[Any]:
+    """The app's module-level engines (the bind of pgshard_sessionmaker, pgshard_engine) follow the
+    test's clone in a db_commit test; engines pgshard_redirect covers follow it by name already."""
+    engines = [maker.kw.get("bind")] if maker is not None and isinstance(getattr(maker, "kw", None), dict) else []
+    engine = _app_object(request, "engine")
+    if engine is not None and not isinstance(getattr(engine, "sync_engine", engine), Engine):
+        pytest.fail(f"pgshard: pgshard_engine must name a SQLAlchemy Engine or AsyncEngine, got "
+                    f"{type(engine).__name__}", pytrace=False)
+    followed = []
+    for candidate in [*engines, engine]:
+        if candidate is not None and isinstance(getattr(candidate, "sync_engine", candidate), Engine):
+            redirect.follow(candidate)
+            followed.append(candidate)
+    return followed
 
 
 class _CommitDb:

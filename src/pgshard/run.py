@@ -43,6 +43,7 @@ class Run:
     clone_times: CloneTimes | None = None
     wants_commit_pool: bool = False
     shard_emptied: bool = False  # --shard deselected every collected test
+    finished: set[str] = field(default_factory=set)  # databases this worker made and has dropped at its end
 
     # -- the server ----------------------------------------------------------------------------
     @staticmethod
@@ -93,12 +94,16 @@ class Run:
     def database_name(self) -> str:
         return worker_database_name(self.settings.prefix, self.run_id, self.worker_id)
 
+    def database_url(self, name: str | None = None) -> str:
+        """SQLAlchemy URL of this worker's database (or another of this run's), which may not exist yet."""
+        assert self.server is not None
+        return database_url(self.server.url, name or self.database_name)
+
     def database_env(self, name: str | None = None) -> dict[str, str]:
         """pgshard_env assignments for this worker's database (or another of this run's)."""
         if not self.settings.env or self.server is None:
             return {}
-        url = database_url(self.server.url, name or self.database_name)
-        return env_assignments(self.settings.env, placeholders(url))
+        return env_assignments(self.settings.env, placeholders(self.database_url(name)))
 
     # -- template and clones --------------------------------------------------------------------
     def ensure_template(self) -> TemplateResult:
@@ -123,9 +128,26 @@ class Run:
             self.database = self.clones.worker_database()
         return self.database
 
+    # -- the app's CREATE/DROP DATABASE of a redirected name (redirect.DatabaseLifecycle) ---------------
+    def create_database(self, name: str) -> bool:
+        """A fresh clone of the template (empty without pgshard_migrate) under this worker's name ``name``."""
+        if self.database is None and name == self.database_name:
+            self.worker_database()
+            return True
+        self.worker_database()
+        assert self.clones is not None
+        return self.clones.recreate(name)
+
+    def drop_database(self, name: str) -> bool:
+        """Drop this worker's database ``name``; False when it does not exist (never made yet, or dropped)."""
+        if self.clones is None:  # dropped by pgshard already when the app's own teardown comes after ours
+            return name in self.finished
+        return self.clones.drop(name)
+
     def finish(self) -> None:
         """Drop this worker's clones (or keep them, with --pg-keep)."""
         if self.clones is not None:
+            self.finished.update(self.clones.created)
             self.kept = self.clones.close(keep=self.settings.keep)
             self.clones = None
 

@@ -57,6 +57,10 @@ OPTIONS: tuple[Option, ...] = (
            "The app's session dependency, module:attribute."),
     Option("sessionmaker", None, "PGSHARD_SESSIONMAKER", "pgshard_sessionmaker", "str", None,
            "The app's sessionmaker, module:attribute; rebound to the test's connection."),
+    Option("engine", None, "PGSHARD_ENGINE", "pgshard_engine", "str", None,
+           "The app's engine (sync or async), module:attribute: tests connect through it."),
+    Option("redirect", None, "PGSHARD_REDIRECT", "pgshard_redirect", "lines", (),
+           "Database names, one per line: SQLAlchemy engines connecting to one land on this worker's database."),
     Option("async_driver", None, "PGSHARD_ASYNC_DRIVER", "pgshard_async_driver", "str", "psycopg",
            "Driver for async_db_session: psycopg or asyncpg."),
     Option("rebuild", "--pg-rebuild", "PGSHARD_REBUILD", "pgshard_rebuild", "bool", False,
@@ -99,6 +103,8 @@ class Settings:
     app: str | None = None
     get_db: str | None = None
     sessionmaker: str | None = None
+    engine: str | None = None
+    redirect: tuple[str, ...] = ()
     async_driver: str = "psycopg"
     rebuild: bool = False
     keep: bool = False
@@ -190,6 +196,10 @@ def resolve(
         if values.get(key) is not None:
             path = Path(values[key]).expanduser()
             values[key] = path if path.is_absolute() else rootdir / path
+    for name in values.get("redirect", ()):
+        if name in ("postgres", "template0", "template1") or name.startswith(values["prefix"]):
+            raise SettingsError(f"pgshard_redirect names the app's own database, not {name!r} (a maintenance "
+                                f"database or one of pgshard's own, prefix {values['prefix']})")
     for line in values.get("env", ()):
         if "=" not in line or not line.split("=", 1)[0].strip():
             raise SettingsError(f"pgshard_env lines look like NAME=template, got {line!r}")
