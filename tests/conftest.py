@@ -19,6 +19,7 @@ from pgshard.server.base import ServerInfo, to_libpq
 from pgshard.server.embedded import EmbeddedServer
 
 pytest_plugins = ["pytester"]
+collect_ignore = ["projects"]  # inner projects, run by the plugin tests with pytester
 
 _INNER_ENV_DROP = ("PGSHARD_", "PYTEST_XDIST_", "PYTEST_ADDOPTS", "DATABASE_URL")
 

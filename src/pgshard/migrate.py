@@ -42,6 +42,7 @@ class MigrationError(RuntimeError):
             reason = reason[:500] + " ..."
         super().__init__(mask_url(f"pgshard_migrate step '{spec}' failed: {reason}"))
         self.spec = spec
+        self.reason = reason
 
 
 def _sha(*parts: bytes | str) -> str:
@@ -226,6 +227,79 @@ class PythonMigrator:
         self._callable()(url)
 
 
+def project_path() -> list[str]:
+    """The project's own import roots in this interpreter's sys.path (the rootdir, ``pythonpath`` entries,
+    conftest directories): what a child process needs on PYTHONPATH to import the app as pytest does. The
+    interpreter's own stdlib and site-packages are left out: another interpreter must not get them."""
+    import site
+    import sysconfig
+
+    own = {Path(p).resolve() for p in (*sysconfig.get_paths().values(), *site.getsitepackages(),
+                                       site.getusersitepackages(), sys.prefix, sys.base_prefix) if p}
+    roots: list[str] = []
+    for entry in sys.path:
+        path = Path(entry or ".").resolve()
+        if path.is_dir() and not any(path == o or o in path.parents for o in own) and str(path) not in roots:
+            roots.append(str(path))
+    return roots
+
+
+def interpreter_env(base: Mapping[str, str]) -> dict[str, str]:
+    """The environment of the interpreter running pytest, for a child: its bin directory first on PATH
+    (``.venv/bin/python -m pytest`` without an activated venv still finds ``alembic``) and the project's
+    import roots first on PYTHONPATH."""
+    env = dict(base)
+    bindir = str(Path(sys.executable).parent)
+    env["PATH"] = os.pathsep.join([bindir, *(p for p in env.get("PATH", "").split(os.pathsep) if p and p != bindir)])
+    extra = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys([*project_path(), *extra]))
+    return env
+
+
+def hash_globs(patterns: Sequence[str], rootdir: Path) -> tuple[str, list[str]]:
+    """``pgshard_fingerprint``: the names and contents of the files the globs match, and the patterns
+    that matched nothing (a typo there would silently blind the cache)."""
+    parts: list[bytes | str] = []
+    empty: list[str] = []
+    for pattern in patterns:
+        files = sorted(p for p in rootdir.glob(pattern) if p.is_file() and "__pycache__" not in p.parts)
+        if not files:
+            empty.append(pattern)
+        for path in files:
+            parts += [str(path.relative_to(rootdir)), path.read_bytes()]
+    return _sha(*parts), empty
+
+
+def _module_file(name: str, roots: Sequence[Path]) -> Path | None:
+    """Where ``python -m name`` finds the module among the project's roots (a file or a package
+    directory), without importing it: an import would run the app's code in this process."""
+    relative = Path(*name.split("."))
+    for root in roots:
+        for candidate in (root / relative.with_suffix(".py"), root / relative):
+            if candidate.is_file() or (candidate.is_dir() and (candidate / "__init__.py").is_file()):
+                return candidate
+    return None
+
+
+def _alembic_ini(args: Sequence[str], cwd: Path) -> Path | None:
+    """The ini an ``alembic ...`` / ``python -m alembic ...`` command reads (``-c``/``--config``), if any."""
+    names = [Path(arg).name for arg in args]
+    if "alembic" in names[:1]:
+        rest = list(args[1:])
+    elif len(args) > 2 and names[0].startswith("python") and args[1] == "-m" and args[2] == "alembic":
+        rest = list(args[3:])
+    else:
+        return None
+    ini = "alembic.ini"
+    for i, arg in enumerate(rest):
+        if arg in ("-c", "--config") and i + 1 < len(rest):
+            ini = rest[i + 1]
+        elif arg.startswith("--config="):
+            ini = arg.split("=", 1)[1]
+    path = (cwd / ini).resolve()
+    return path if path.is_file() else None
+
+
 @dataclass
 class CommandMigrator:
     """``command:python scripts/seed.py``: run with pgshard_env pointing at the template."""
@@ -235,23 +309,47 @@ class CommandMigrator:
     cwd: Path
     env: Mapping[str, str] | None = None
 
+    def inputs(self) -> list[bytes | str]:
+        """What the command reads, as far as its text tells: an Alembic config with its script_location
+        tree (env.py included), files named in it, and ``-m`` modules of the project."""
+        args = shlex.split(self.command)
+        parts: list[bytes | str] = []
+        ini = _alembic_ini(args, self.cwd)
+        if ini is not None:
+            parts.append(AlembicMigrator(self.spec, ini).fingerprint())
+        roots = [self.cwd, *(Path(p) for p in project_path())]
+        root = self.cwd.resolve()
+        for i, arg in enumerate(args):
+            candidate = (self.cwd / arg).resolve()
+            if candidate.is_file() and root in candidate.parents:  # the project's files, not /bin/sh
+                parts += [arg, candidate.read_bytes()]
+            elif i > 0 and args[i - 1] == "-m" and arg != "alembic":
+                module = _module_file(arg, roots)
+                if module is not None:
+                    parts += [arg, module.read_bytes() if module.is_file() else _hash_tree(module, (".py",))]
+        return parts
+
     def fingerprint(self) -> str:
-        parts: list[bytes | str] = [self.command]
-        for arg in shlex.split(self.command):
-            candidate = self.cwd / arg
-            if candidate.is_file():
-                parts.append(candidate.read_bytes())
-        return _sha(*parts)
+        return _sha(self.command, *self.inputs())
 
     def apply(self, url: str) -> None:
-        env = {**os.environ, **(self.env or {}), "PGSHARD_TEMPLATE_URL": url}
+        env = {**interpreter_env(os.environ), **(self.env or {}), "PGSHARD_TEMPLATE_URL": url}
         args = shlex.split(self.command)
         if args and args[0] == "python":
             args[0] = sys.executable
-        proc = subprocess.run(args, cwd=self.cwd, env=env, capture_output=True, text=True, check=False)
+        try:
+            proc = subprocess.run(args, cwd=self.cwd, env=env, capture_output=True, text=True, check=False)
+        except OSError as exc:  # not found / not executable: say which, with the PATH it searched
+            raise MigrationError(self.spec, f"{exc.strerror}: {args[0]!r} (PATH starts with {env['PATH'][:200]})") \
+                from None
         if proc.returncode != 0:
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["(no output)"]
             raise MigrationError(self.spec, f"exit {proc.returncode}: {tail[0]}")
+
+
+def blind_commands(migrators: Sequence[Migrator]) -> list[str]:
+    """``command:`` steps with no input pgshard can see: their template is reused until their text changes."""
+    return [m.spec for m in migrators if isinstance(m, CommandMigrator) and not m.inputs()]
 
 
 def parse_migrators(lines: Sequence[str], rootdir: Path) -> list[Migrator]:

@@ -188,6 +188,30 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     run.wants_commit_pool = any(item.get_closest_marker("db_commit") for item in items)
 
 
+def _ready_database(run: Run) -> Database:
+    database = run.ready_database()
+    redirect.install(run.settings.redirect, database.url)  # followed engines land here outside db_commit tests
+    return database
+
+
+@pytest.hookimpl(tryfirst=True)  # before the runner sets up any fixture of the first test
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """When the project's own code uses pgshard's database (pgshard_migrate, pgshard_env, pgshard_redirect),
+    it must exist before the project's first fixture: a session-scoped autouse fixture of its conftest
+    knows nothing of pgshard's fixtures. Only a test about to run builds anything (an empty shard does
+    not); a failure is one line, once, and stops the run instead of failing every test the same way."""
+    run = item.config.stash[RUN]
+    if not run.settings.eager or run.database is not None:
+        return
+    try:
+        _ready_database(run)
+        return
+    except (SettingsError, ServerError, MigrationError) as exc:
+        message = f"pgshard: {exc}"
+    item.session.shouldstop = message
+    pytest.fail(message, pytrace=False)  # outside the except: no chained traceback
+
+
 @pytest.hookimpl(trylast=True)  # after the runner has torn down the session fixtures
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     config = session.config
@@ -252,15 +276,10 @@ def pg_template(request: pytest.FixtureRequest, pg_server: ServerInfo) -> Any:
 
 
 @pytest.fixture(scope="session")
-def pg_database(request: pytest.FixtureRequest, pg_template: Any) -> Iterator[Database]:
+def pg_database(request: pytest.FixtureRequest, pg_template: Any) -> Database:
     """This worker's own clone of the template: ``.name``, ``.url``."""
-    run = _run(request)
-    database: Database = _guard(run.worker_database)
-    redirect.install(run.settings.redirect, database.url)  # followed engines land here outside db_commit tests
-    if run.wants_commit_pool and run.clones is not None:
-        run.clones.start_pool()
-    yield database
-    run.finish()
+    database: Database = _guard(_ready_database, _run(request))
+    return database  # dropped in pytest_sessionfinish, after the project's own session fixtures are torn down
 
 
 @pytest.fixture(scope="session")

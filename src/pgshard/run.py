@@ -18,7 +18,7 @@ from typing import Any
 from pgshard.admin import Admin
 from pgshard.clones import Clones, CloneTimes, Database, drop_stale, worker_database_name
 from pgshard.host import default_cache_dir
-from pgshard.migrate import parse_migrators
+from pgshard.migrate import blind_commands, hash_globs, parse_migrators
 from pgshard.server import ServerLease, acquire
 from pgshard.server.base import ServerInfo
 from pgshard.settings import Settings, env_assignments, mask_url, placeholders
@@ -44,6 +44,8 @@ class Run:
     wants_commit_pool: bool = False
     shard_emptied: bool = False  # --shard deselected every collected test
     finished: set[str] = field(default_factory=set)  # databases this worker made and has dropped at its end
+    notes: list[str] = field(default_factory=list)  # said once in the summary (e.g. a command cache is blind)
+    failure: Exception | None = None  # the worker's database could not be made
 
     # -- the server ----------------------------------------------------------------------------
     @staticmethod
@@ -111,10 +113,20 @@ class Run:
             server = self.start_server()
             lock_dir = (self.settings.cache_dir or default_cache_dir()) / "locks"
             migrators = parse_migrators(self.settings.migrate, self.settings.rootdir)
+            inputs = []
+            if self.settings.fingerprint:
+                digest, empty = hash_globs(self.settings.fingerprint, self.settings.rootdir)
+                inputs.append(f"pgshard_fingerprint={digest}")
+                self.notes += [f"pgshard_fingerprint line {pattern!r} matches no file under {self.settings.rootdir}"
+                               for pattern in empty]
+            else:
+                self.notes += [f"pgshard_migrate step {spec!r} names no file pgshard can hash: its template is "
+                               "reused until the command's text changes; list what it reads in pgshard_fingerprint"
+                               for spec in blind_commands(migrators)]
             with Admin(server.url, self.settings.prefix) as admin:
                 template = Template(admin, server, migrators, lock_dir=lock_dir, run_id=self.run_id,
                                     rebuild=self.settings.rebuild, keep=self.settings.keep_templates,
-                                    env_lines=self.settings.env)
+                                    env_lines=self.settings.env, inputs=inputs)
                 self.template = template.ensure()
         return self.template
 
@@ -144,6 +156,20 @@ class Run:
             return name in self.finished
         return self.clones.drop(name)
 
+    def ready_database(self) -> Database:
+        """This worker's database, with the db_commit pool started when the collected tests need it.
+        A failure is kept and raised again: the run stops, it does not rebuild once per test."""
+        if self.failure is not None:
+            raise self.failure
+        try:
+            database = self.worker_database()
+        except Exception as exc:
+            self.failure = exc
+            raise
+        if self.wants_commit_pool and self.clones is not None:
+            self.clones.start_pool()
+        return database
+
     def finish(self) -> None:
         """Drop this worker's clones (or keep them, with --pg-keep)."""
         if self.clones is not None:
@@ -168,6 +194,7 @@ class Run:
                 out["commit_wait_ms"] = statistics.median(times.commit_waits) * 1000
         out["kept"] = [db.masked_url for db in self.kept]
         out["shard_emptied"] = self.shard_emptied
+        out["notes"] = self.notes
         return out
 
 
@@ -202,6 +229,7 @@ def summary_lines(server: ServerInfo | None, stats: list[dict[str, Any]], stale:
     if commits:
         waits = [float(s["commit_wait_ms"]) for s in stats if "commit_wait_ms" in s]
         lines.append(f"db_commit clones: {commits}, median wait {statistics.median(waits):.1f} ms")
+    lines += dict.fromkeys(note for s in stats for note in s.get("notes", []))  # once, not once per worker
     kept = [url for s in stats for url in s.get("kept", [])]
     if kept:
         lines.append("kept (--pg-keep; drop with `pgshard clean`): " + ", ".join(kept))

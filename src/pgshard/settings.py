@@ -50,6 +50,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("migrate", None, "PGSHARD_MIGRATE", "pgshard_migrate", "lines", (),
            "Template build steps, one per line: alembic:alembic.ini, metadata:pkg.models:Base, "
            "sql:migrations/, python:pkg.seed:main, command:python seed.py"),
+    Option("fingerprint", None, "PGSHARD_FINGERPRINT", "pgshard_fingerprint", "lines", (),
+           "Globs (relative to the rootdir) of files the template steps read: their names and contents "
+           "are hashed into the template's fingerprint."),
     Option("env", None, "PGSHARD_ENV", "pgshard_env", "lines", (),
            "Env vars pointed at the current database, e.g. DATABASE_URL={url}, POSTGRES_DB={dbname}."),
     Option("app", None, "PGSHARD_APP", "pgshard_app", "str", None, "FastAPI app, module:attribute."),
@@ -99,6 +102,7 @@ class Settings:
     url: str | None = field(default=None, repr=False)  # may hold a password: never in a repr
     server: ServerKind = "embedded"
     migrate: tuple[str, ...] = ()
+    fingerprint: tuple[str, ...] = ()
     env: tuple[str, ...] = ()
     app: str | None = None
     get_db: str | None = None
@@ -125,6 +129,13 @@ class Settings:
     def configured(self) -> bool:
         """True when the project asked for pgshard (any option set), so the server starts eagerly."""
         return bool(self.explicit - {"store_durations", "shard"})
+
+    @property
+    def eager(self) -> bool:
+        """True when the project's own code will use the database pgshard makes (its env, its migrations,
+        its redirected engines): then a worker's database must exist before the project's first fixture,
+        which may be a session-scoped autouse one that knows nothing of pgshard."""
+        return bool(self.explicit & {"migrate", "env", "redirect"})
 
 
 def _convert(opt: Option, raw: Any, source: str) -> Any:

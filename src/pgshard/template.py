@@ -19,9 +19,10 @@ from filelock import FileLock, Timeout
 from sqlalchemy.engine import make_url
 
 from pgshard.admin import Admin, Marker
+from pgshard.build import apply_steps
 from pgshard.migrate import MigrationError, Migrator
 from pgshard.server.base import ServerError, ServerInfo
-from pgshard.settings import env_assignments, placeholders, temporary_env
+from pgshard.settings import env_assignments, placeholders
 from pgshard.version import __version__
 
 
@@ -50,6 +51,7 @@ class Template:
         rebuild: bool = False,
         keep: int = 3,
         env_lines: Sequence[str] = (),
+        inputs: Sequence[str] = (),
     ) -> None:
         self.admin = admin
         self.server = server
@@ -59,11 +61,12 @@ class Template:
         self.rebuild = rebuild
         self.keep = keep
         self.env_lines = tuple(env_lines)
+        self.inputs = tuple(inputs)  # more fingerprint parts: hashes of files the steps read (pgshard_fingerprint)
         self._fingerprint: str | None = None
 
     def fingerprint(self) -> str:
         if self._fingerprint is None:
-            parts = [f"pgshard {__version__}", f"postgres {self.server.major}"]
+            parts = [f"pgshard {__version__}", f"postgres {self.server.major}", *self.inputs]
             for migrator in self.migrators:
                 try:
                     parts.append(f"{migrator.spec}={migrator.fingerprint()}")
@@ -122,14 +125,7 @@ class Template:
         self.admin.create(build, Marker("build", self.run_id, fingerprint=self.fingerprint()), template="template0")
         url = database_url(self.server.url, build)
         try:
-            with temporary_env(env_assignments(self.env_lines, placeholders(url))):
-                for migrator in self.migrators:
-                    try:
-                        migrator.apply(url)
-                    except MigrationError:
-                        raise
-                    except Exception as exc:
-                        raise MigrationError(migrator.spec, exc) from exc
+            apply_steps(self.migrators, url, env_assignments(self.env_lines, placeholders(url)))
         except BaseException:
             self.admin.drop(build, force=True)
             raise

@@ -1,0 +1,110 @@
+"""Template build steps in a clean child process, so the app's import-time state cannot leak in.
+
+A test process has usually imported the app before the template is built, and many Alembic env.py files
+read the app's (``lru_cache``d) settings, which pgshard_env filled with the *worker's* database name:
+migrated in-process, they would act on that database, not on the template. A fresh interpreter
+(``python -m pgshard.build``), with pgshard_env pointed at the template, imports the app anew. The
+steps go to it pickled, in order, in one batch; errors come back as one line naming the step.
+A warm run (template cached) never gets here, so it spawns nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+
+from pgshard.migrate import (
+    AlembicMigrator,
+    CommandMigrator,
+    MetadataMigrator,
+    MigrationError,
+    Migrator,
+    PythonMigrator,
+    SqlMigrator,
+    interpreter_env,
+)
+from pgshard.settings import temporary_env
+
+# Steps that run Python in-process: these go to the child. A command is a process of its own already;
+# a Migrator object a user built in Python is applied where it was built.
+_CHILD_KINDS = (AlembicMigrator, MetadataMigrator, SqlMigrator, PythonMigrator)
+_TAIL_LINES = 3
+
+
+def apply_one(migrator: Migrator, url: str) -> None:
+    """Apply one step; whatever it raises becomes a MigrationError naming its pgshard_migrate line."""
+    try:
+        migrator.apply(url)
+    except MigrationError:
+        raise
+    except Exception as exc:
+        raise MigrationError(migrator.spec, exc) from exc
+
+
+def apply_steps(migrators: Sequence[Migrator], url: str, env: Mapping[str, str]) -> None:
+    """Apply every step in order to the database at ``url``, with ``env`` (pgshard_env for it) set.
+    Consecutive steps that include a Python one run together in one child; commands alone need none."""
+    batch: list[Migrator] = []
+
+    def flush() -> None:
+        if any(isinstance(m, _CHILD_KINDS) for m in batch):
+            _in_child(batch, url, env)
+        else:
+            with temporary_env(env):
+                for migrator in batch:
+                    apply_one(migrator, url)
+        batch.clear()
+
+    for migrator in migrators:
+        if isinstance(migrator, (*_CHILD_KINDS, CommandMigrator)):
+            batch.append(migrator)
+            continue
+        flush()
+        with temporary_env(env):
+            apply_one(migrator, url)
+    flush()
+
+
+def _in_child(batch: Sequence[Migrator], url: str, env: Mapping[str, str]) -> None:
+    child_env = {**interpreter_env(os.environ), **env}
+    proc = subprocess.run([sys.executable, "-m", "pgshard.build"], input=pickle.dumps((list(batch), url)),
+                          env=child_env, capture_output=True, check=False)
+    result: dict[str, str] = {}
+    lines = proc.stdout.decode(errors="replace").strip().splitlines()
+    if lines:
+        try:
+            result = json.loads(lines[-1])
+        except ValueError:
+            result = {}
+    if proc.returncode == 0 and result.get("ok"):
+        return
+    if "spec" in result:
+        raise MigrationError(result["spec"], result["reason"])
+    tail = [line for line in proc.stderr.decode(errors="replace").splitlines() if line.strip()][-_TAIL_LINES:]
+    raise MigrationError(batch[0].spec, f"the build process (python -m pgshard.build) exited with "
+                                        f"{proc.returncode}: {' | '.join(tail) or '(no output)'}")
+
+
+def main() -> int:
+    """The child: unpickle the steps, apply them, report on the real stdout as one JSON line. Whatever
+    the steps print goes to stderr, so it cannot be mistaken for the result."""
+    result = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    migrators, url = pickle.loads(sys.stdin.buffer.read())
+    for migrator in migrators:
+        try:
+            apply_one(migrator, url)
+        except MigrationError as exc:
+            result.write(json.dumps({"spec": exc.spec, "reason": exc.reason}) + "\n")
+            return 3
+    result.write(json.dumps({"ok": True}) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
