@@ -19,7 +19,6 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from pgshard.migrate import CommandMigrator, blind_commands, hash_globs
 from pgshard.server.base import ServerInfo, to_libpq
 from pgshard.template import database_url
 from tests.conftest import Project
@@ -218,6 +217,8 @@ def test_a_command_with_no_known_inputs_is_named_once_in_the_summary(pytester: p
 
 
 def test_command_fingerprints_infer_alembic_files_and_modules(tmp_path: Path) -> None:
+    from pgshard.migrate import CommandMigrator, blind_commands, hash_globs
+
     (tmp_path / "migrations" / "versions").mkdir(parents=True)
     (tmp_path / "migrations" / "env.py").write_text("# env\n")
     (tmp_path / "other.ini").write_text("[alembic]\nscript_location = %(here)s/migrations\n")
