@@ -29,9 +29,10 @@ from pgshard.migrate import (
 )
 from pgshard.settings import temporary_env
 
-# Steps that run Python in-process: these go to the child. A command is a process of its own already;
-# a Migrator object a user built in Python is applied where it was built.
-_CHILD_KINDS = (AlembicMigrator, MetadataMigrator, SqlMigrator, PythonMigrator)
+# Steps that run the project's Python: these go to the child. ``sql:`` files touch no Python of the
+# project (psycopg on the given URL), a command is a process of its own already, and a Migrator object a
+# user built in Python is applied where it was built: none of them needs a child.
+_CHILD_KINDS = (AlembicMigrator, MetadataMigrator, PythonMigrator)
 _TAIL_LINES = 3
 
 
@@ -60,7 +61,7 @@ def apply_steps(migrators: Sequence[Migrator], url: str, env: Mapping[str, str])
         batch.clear()
 
     for migrator in migrators:
-        if isinstance(migrator, (*_CHILD_KINDS, CommandMigrator)):
+        if isinstance(migrator, (*_CHILD_KINDS, CommandMigrator, SqlMigrator)):
             batch.append(migrator)
             continue
         flush()
