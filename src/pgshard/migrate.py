@@ -43,6 +43,7 @@ class MigrationError(RuntimeError):
         super().__init__(mask_url(f"pgshard_migrate step '{spec}' failed: {reason}"))
         self.spec = spec
         self.reason = reason
+        self.elsewhere = False  # another process of this run failed this way and has reported it
 
 
 def _sha(*parts: bytes | str) -> str:

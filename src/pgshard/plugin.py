@@ -208,7 +208,10 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         return
     except (SettingsError, ServerError, MigrationError) as exc:
         message = f"pgshard: {exc}"
+        elsewhere = isinstance(exc, MigrationError) and exc.elsewhere
     item.session.shouldstop = message
+    if elsewhere:  # another worker's test already shows this error: one line, once
+        pytest.skip("pgshard: the template build failed in another worker of this run (its error is above)")
     pytest.fail(message, pytrace=False)  # outside the except: no chained traceback
 
 

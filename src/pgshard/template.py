@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -110,13 +111,38 @@ class Template:
                 waited = time.perf_counter() - started
                 if self._usable():
                     return TemplateResult(name, self.fingerprint(), False, 0.0, waited)
+                earlier = self._earlier_failure()
+                if earlier is not None:
+                    raise earlier
                 build_started = time.perf_counter()
-                self._build(name)
+                try:
+                    self._build(name)
+                except MigrationError as exc:
+                    self._failure_file().write_text(json.dumps({"run": self.run_id, "spec": exc.spec,
+                                                                "reason": exc.reason}))
+                    raise
+                self._failure_file().unlink(missing_ok=True)
                 built = time.perf_counter() - build_started
         finally:
             lock.release()
         self.collect_garbage()
         return TemplateResult(name, self.fingerprint(), True, built, waited)
+
+    def _failure_file(self) -> Path:
+        return self._lock_path().with_suffix(".failed")
+
+    def _earlier_failure(self) -> MigrationError | None:
+        """A process of this same run failed to build this template: its error, without running the
+        failing steps again in every xdist worker (a later run tries afresh)."""
+        try:
+            data = json.loads(self._failure_file().read_text())
+        except (OSError, ValueError):
+            return None
+        if not isinstance(data, dict) or data.get("run") != self.run_id:
+            return None
+        error = MigrationError(str(data.get("spec")), str(data.get("reason")))
+        error.elsewhere = True
+        return error
 
     def _build(self, name: str) -> None:
         build = f"{name}_build"

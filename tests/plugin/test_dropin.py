@@ -293,17 +293,19 @@ def test_a_deselected_run_builds_nothing(project: Project) -> None:
     assert project.migrations_ran() == 0 and "clone per worker" not in result.stdout.str()
 
 
-def test_a_failing_build_is_one_line_per_worker_and_stops_the_run(
+def test_a_failing_build_is_one_line_once_and_stops_the_run(
         pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("PGSHARD_TEST_COUNTER", str(pytester.path / "ran.txt"))
+    monkeypatch.setenv("PGSHARD_TEST_COUNTER", str(pytester.path / "migrations-ran.txt"))
     broken = Project(pytester, fail_in="0002")
     pytester.makepyfile(test_many="import pytest\n@pytest.mark.parametrize('i', range(10))\n"
                                   "def test_many(i):\n    pass\n")
-    result = broken.run("-n", "2")
+    result = broken.run("-n", "2", "-rs")
     outcomes = result.parseoutcomes()
-    assert result.ret != 0 and not outcomes.get("passed") and 1 <= outcomes.get("errors", 0) <= 2, outcomes
+    assert result.ret != 0 and not outcomes.get("passed") and outcomes.get("errors") == 1, outcomes
+    assert broken.migrations_ran() == 2  # 0001 and the broken 0002, once: the other worker did not retry
     text = result.stdout.str()
     assert "Traceback" not in text
     assert "Interrupted: pgshard: pgshard_migrate step 'alembic:alembic.ini' failed" in text
+    assert len([line for line in result.stdout.lines if line.startswith("pgshard: pgshard_migrate step")]) == 1
     assert "migration 0002 is broken" in text
 
