@@ -235,7 +235,8 @@ def project_path() -> list[str]:
     import site
     import sysconfig
 
-    own = {Path(p).resolve() for p in (*sysconfig.get_paths().values(), *site.getsitepackages(),
+    site_dirs: list[str] = getattr(site, "getsitepackages", list)()  # missing in some old virtualenvs
+    own = {Path(p).resolve() for p in (*sysconfig.get_paths().values(), *site_dirs,
                                        site.getusersitepackages(), sys.prefix, sys.base_prefix) if p}
     roots: list[str] = []
     for entry in sys.path:
@@ -252,8 +253,9 @@ def interpreter_env(base: Mapping[str, str]) -> dict[str, str]:
     env = dict(base)
     bindir = str(Path(sys.executable).parent)
     env["PATH"] = os.pathsep.join([bindir, *(p for p in env.get("PATH", "").split(os.pathsep) if p and p != bindir)])
-    extra = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
-    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys([*project_path(), *extra]))
+    roots = [*project_path(), *(p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p)]
+    if roots:
+        env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(roots))
     return env
 
 
@@ -263,7 +265,11 @@ def hash_globs(patterns: Sequence[str], rootdir: Path) -> tuple[str, list[str]]:
     parts: list[bytes | str] = []
     empty: list[str] = []
     for pattern in patterns:
-        files = sorted(p for p in rootdir.glob(pattern) if p.is_file() and "__pycache__" not in p.parts)
+        try:
+            files = sorted(p for p in rootdir.glob(pattern) if p.is_file() and "__pycache__" not in p.parts)
+        except (ValueError, NotImplementedError):  # absolute or otherwise unusable pattern
+            raise SettingsError(f"pgshard_fingerprint line {pattern!r} must be a glob relative to the rootdir "
+                                f"({rootdir})") from None
         if not files:
             empty.append(pattern)
         for path in files:

@@ -218,6 +218,7 @@ def test_a_command_with_no_known_inputs_is_named_once_in_the_summary(pytester: p
 
 def test_command_fingerprints_infer_alembic_files_and_modules(tmp_path: Path) -> None:
     from pgshard.migrate import CommandMigrator, blind_commands, hash_globs
+    from pgshard.settings import SettingsError
 
     (tmp_path / "migrations" / "versions").mkdir(parents=True)
     (tmp_path / "migrations" / "env.py").write_text("# env\n")
@@ -244,6 +245,8 @@ def test_command_fingerprints_infer_alembic_files_and_modules(tmp_path: Path) ->
     assert blind_commands([alembic, CommandMigrator("command:make db", "make db", tmp_path)]) == ["command:make db"]
     digest, empty = hash_globs(["migrations/**/*.py", "nothing/*.csv"], tmp_path)
     assert empty == ["nothing/*.csv"] and digest == hash_globs(["migrations/**/*.py"], tmp_path)[0]
+    with pytest.raises(SettingsError, match=r"pgshard_fingerprint line '/etc/.*' must be a glob relative"):
+        hash_globs(["/etc/*.conf"], tmp_path)
 
 
 # -- 1. the eager clone --------------------------------------------------------------------------------
