@@ -4,6 +4,7 @@ template, clones, sandbox, settings."""
 from __future__ import annotations
 
 import os
+import subprocess
 import textwrap
 import uuid
 from collections.abc import Iterator
@@ -273,3 +274,54 @@ def test_alembic_env_with_fileconfig_leaves_the_callers_logging_alone(
              run_id="r").ensure()
     assert not mine.disabled
     assert logging.getLogger().handlers == root_handlers
+
+
+# -- issue 8: template steps in a clean child process ---------------------------------------------------
+def test_python_steps_run_in_a_child_and_a_cached_template_spawns_none(
+        admin: Admin, pg_server: ServerInfo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "seed_leaky.py").write_text(textwrap.dedent('''
+        import os, psycopg
+        def main(url):
+            os.environ["PGSHARD_TEST_LEAK"] = str(os.getpid())  # in-process, this would reach the tests
+            with psycopg.connect(url.replace("+psycopg", "")) as conn:
+                conn.execute("CREATE TABLE t (pid int)")
+                conn.execute("INSERT INTO t VALUES (%s)", (os.getpid(),))
+    '''))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delenv("PGSHARD_TEST_LEAK", raising=False)
+
+    def template(run_id: str) -> Template:
+        return Template(admin, pg_server, parse_migrators(["python:seed_leaky:main"], tmp_path), lock_dir=tmp_path,
+                        run_id=run_id)
+
+    built = template("a").ensure()
+    assert built.built and "PGSHARD_TEST_LEAK" not in os.environ
+    clones = Clones(pg_server.url, pg_server, built.name, prefix=admin.prefix, run_id="a", worker_id="gw0")
+    with psycopg.connect(to_libpq(clones.worker_database().url)) as conn:
+        (pid,) = conn.execute("SELECT pid FROM t").fetchone() or (None,)
+    clones.close()
+    assert pid not in (None, os.getpid())
+
+    def no_spawn(*args: object, **kwargs: object) -> None:
+        raise AssertionError(f"a warm run spawned {args}")
+
+    monkeypatch.setattr(subprocess, "run", no_spawn)
+    assert not template("b").ensure().built
+
+
+def test_a_step_that_kills_the_build_process_is_named_with_its_last_words(
+        admin: Admin, pg_server: ServerInfo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "schema.sql").write_text("CREATE TABLE a (id int);")
+    (tmp_path / "dying.py").write_text(textwrap.dedent('''
+        import os, sys
+        def main(url):
+            print("disk quota exceeded on /data", file=sys.stderr, flush=True)
+            os._exit(7)
+    '''))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    template = Template(admin, pg_server, parse_migrators(["sql:schema.sql", "python:dying:main"], tmp_path),
+                        lock_dir=tmp_path, run_id="r")
+    with pytest.raises(MigrationError, match=r"step 'python:dying:main' failed: the build process "
+                                             r"\(python -m pgshard.build\) exited with 7: disk quota exceeded"):
+        template.ensure()
+    assert admin.databases() == []

@@ -74,36 +74,41 @@ def _in_child(batch: Sequence[Migrator], url: str, env: Mapping[str, str]) -> No
     child_env = {**interpreter_env(os.environ), **env}
     proc = subprocess.run([sys.executable, "-m", "pgshard.build"], input=pickle.dumps((list(batch), url)),
                           env=child_env, capture_output=True, check=False)
-    result: dict[str, str] = {}
-    lines = proc.stdout.decode(errors="replace").strip().splitlines()
-    if lines:
+    events: list[dict[str, str]] = []
+    for line in proc.stdout.decode(errors="replace").splitlines():
         try:
-            result = json.loads(lines[-1])
+            events.append(json.loads(line))
         except ValueError:
-            result = {}
-    if proc.returncode == 0 and result.get("ok"):
+            continue
+    if proc.returncode == 0 and events and events[-1].get("ok"):
         return
-    if "spec" in result:
-        raise MigrationError(result["spec"], result["reason"])
+    if events and "reason" in events[-1]:
+        raise MigrationError(events[-1]["spec"], events[-1]["reason"])
+    # The child died inside a step (os._exit, a crash, a signal): blame the step it had started.
+    started = [e["spec"] for e in events if "spec" in e]
     tail = [line for line in proc.stderr.decode(errors="replace").splitlines() if line.strip()][-_TAIL_LINES:]
-    raise MigrationError(batch[0].spec, f"the build process (python -m pgshard.build) exited with "
-                                        f"{proc.returncode}: {' | '.join(tail) or '(no output)'}")
+    raise MigrationError(started[-1] if started else batch[0].spec,
+                         f"the build process (python -m pgshard.build) exited with {proc.returncode}: "
+                         f"{' | '.join(tail) or '(no output)'}")
 
 
 def main() -> int:
-    """The child: unpickle the steps, apply them, report on the real stdout as one JSON line. Whatever
-    the steps print goes to stderr, so it cannot be mistaken for the result."""
+    """The child: unpickle the steps, apply them, report on the real stdout in JSON lines (each step as
+    it starts, then the outcome). Whatever the steps print goes to stderr: it cannot pass for a report."""
     result = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)
     sys.stdout = sys.stderr
     migrators, url = pickle.loads(sys.stdin.buffer.read())
-    for migrator in migrators:
-        try:
-            apply_one(migrator, url)
-        except MigrationError as exc:
-            result.write(json.dumps({"spec": exc.spec, "reason": exc.reason}) + "\n")
-            return 3
-    result.write(json.dumps({"ok": True}) + "\n")
+    with result:
+        for migrator in migrators:
+            result.write(json.dumps({"spec": migrator.spec}) + "\n")
+            result.flush()
+            try:
+                apply_one(migrator, url)
+            except MigrationError as exc:
+                result.write(json.dumps({"spec": exc.spec, "reason": exc.reason}) + "\n")
+                return 3
+        result.write(json.dumps({"ok": True}) + "\n")
     return 0
 
 
