@@ -18,6 +18,7 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 from sqlalchemy.engine import make_url
 
+from pgshard import redirect
 from pgshard.admin import Admin, Marker
 from pgshard.migrate import MigrationError, Migrator
 from pgshard.server.base import ServerError, ServerInfo
@@ -122,7 +123,8 @@ class Template:
         self.admin.create(build, Marker("build", self.run_id, fingerprint=self.fingerprint()), template="template0")
         url = database_url(self.server.url, build)
         try:
-            with temporary_env(env_assignments(self.env_lines, placeholders(url))):
+            # in-process steps that use the app's own (redirected or followed) engines build the template too
+            with temporary_env(env_assignments(self.env_lines, placeholders(url))), redirect.retarget(url):
                 for migrator in self.migrators:
                     try:
                         migrator.apply(url)
