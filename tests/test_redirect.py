@@ -5,12 +5,13 @@ move with a db_commit clone, and the app's own CREATE/DROP DATABASE act on the t
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import Iterator
 
 import psycopg
 import pytest
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, OperationalError, ProgrammingError
 from sqlalchemy.ext.asyncio import create_async_engine
@@ -19,7 +20,9 @@ from sqlalchemy_utils import create_database, database_exists, drop_database
 
 from pgshard import redirect
 from pgshard.admin import Admin, Marker
-from pgshard.server.base import ServerInfo
+from pgshard.run import Run
+from pgshard.server.base import ServerError, ServerInfo
+from pgshard.settings import Settings
 from pgshard.template import database_url
 
 NOWHERE = "app:secret@db.example.invalid:5432"  # a host that does not exist: only a redirect can reach a server
@@ -103,6 +106,19 @@ def test_engines_on_every_driver_land_on_the_target_whatever_their_url_says(
         assert _current(url) == target
 
 
+def test_the_apps_own_do_connect_listeners_still_run_on_a_redirected_connection(
+        target: str, app_name: str) -> None:
+    engine = create_engine(f"postgresql+psycopg2://{NOWHERE}/{app_name}", poolclass=NullPool)
+
+    @event.listens_for(engine, "do_connect")
+    def name_the_app(dialect: object, record: object, cargs: object, cparams: dict[str, str]) -> None:
+        cparams["application_name"] = "the-app"
+
+    with engine.connect() as conn:
+        assert conn.scalar(text("SELECT current_database()")) == target
+        assert conn.scalar(text("SHOW application_name")) == "the-app"
+
+
 def test_an_engine_built_before_install_is_redirected(admin: Admin, pg_server: ServerInfo, app_name: str) -> None:
     built_at_import = create_engine(f"postgresql+psycopg2://{NOWHERE}/{app_name}", poolclass=NullPool)
     name = _ours(admin, "late")
@@ -123,16 +139,47 @@ def test_an_engine_to_another_database_name_is_untouched(admin: Admin, pg_server
 
 def test_a_followed_engine_connects_to_the_current_target(admin: Admin, pg_server: ServerInfo, target: str) -> None:
     other = _ours(admin, "elsewhere")
-    engine = create_engine(database_url(pg_server.url, other), poolclass=NullPool)
-    redirect.follow(engine)
-    with engine.connect() as conn:
-        assert conn.scalar(text("SELECT current_database()")) == target
+    engine = create_engine(database_url(pg_server.url, other), pool_size=1)
+    try:
+        with engine.connect() as conn:  # pooled before it was followed
+            assert conn.scalar(text("SELECT current_database()")) == other
+        redirect.follow(engine)
+        for _ in range(2):
+            with engine.connect() as conn:
+                assert conn.scalar(text("SELECT current_database()")) == target
+        assert _sessions_on(admin, other) == 0
+    finally:
+        engine.dispose()
+
+
+def test_an_engine_no_longer_followed_connects_by_its_own_url_again(
+        admin: Admin, pg_server: ServerInfo, app_name: str) -> None:
+    own, worker = _ours(admin, "own"), _ours(admin, "w")
+    engine = create_engine(database_url(pg_server.url, own), pool_size=1)
+    redirect.install([app_name], database_url(pg_server.url, worker))
+    try:
+        redirect.follow(engine)
+        with engine.connect() as conn:
+            assert conn.scalar(text("SELECT current_database()")) == worker
+        redirect.reset()
+        redirect.install([app_name], database_url(pg_server.url, worker))
+        for _ in range(2):
+            with engine.connect() as conn:
+                assert conn.scalar(text("SELECT current_database()")) == own
+    finally:
+        redirect.reset()
+        engine.dispose()
 
 
 def _sessions_on(admin: Admin, name: str) -> int:
-    row = admin.conn.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = %s", (name,)).fetchone()
-    assert row is not None
-    return int(row[0])
+    """Sessions left on a database, once closed ones had time to end (a backend exits just after its client)."""
+    deadline = time.monotonic() + 30
+    while True:
+        row = admin.conn.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = %s", (name,)).fetchone()
+        assert row is not None
+        if int(row[0]) == 0 or time.monotonic() > deadline:
+            return int(row[0])
+        time.sleep(0.05)
 
 
 def test_retarget_moves_engines_and_leaves_no_pooled_connection_behind(
@@ -153,6 +200,32 @@ def test_retarget_moves_engines_and_leaves_no_pooled_connection_behind(
             assert conn.scalar(text("SELECT current_database()")) == target
     finally:
         engine.dispose()
+
+
+@pytest.mark.parametrize("driver", ["asyncpg", "psycopg_async"])
+def test_retarget_moves_async_engines_and_never_hands_out_a_stale_connection(
+        driver: str, admin: Admin, pg_server: ServerInfo, target: str, app_name: str) -> None:
+    clone = _ours(admin, "t1")
+
+    async def main() -> list[str]:
+        engine = create_async_engine(f"postgresql+{driver}://{NOWHERE}/{app_name}", pool_size=2)
+
+        async def current() -> str:
+            async with engine.connect() as conn:
+                return str(await conn.scalar(text("SELECT current_database()")))
+
+        try:
+            seen = [await current()]
+            with redirect.retarget(database_url(pg_server.url, clone)):
+                seen.append(await current())
+            if driver == "asyncpg":  # closed at once (a non-blocking terminate); psycopg's at the next checkout
+                assert _sessions_on(admin, clone) == 0
+            seen.append(await current())
+        finally:
+            await engine.dispose()
+        return seen
+
+    assert asyncio.run(main()) == [target, clone, target]
 
 
 def test_sqlalchemy_utils_create_drop_and_exists_act_on_the_target_only(
@@ -207,7 +280,28 @@ def test_a_database_pgshard_did_not_create_is_never_dropped(
         admin.conn.execute(f'DROP DATABASE "{foreign}"')
 
 
+def test_a_real_database_of_the_redirected_name_is_never_touched(
+        admin: Admin, pg_server: ServerInfo, target: str, app_name: str) -> None:
+    admin.conn.execute(f'CREATE DATABASE "{app_name}"')  # the user's own database of that name, on a server
+    try:
+        # a maintenance connection that is not redirected (pgshard's server is no URL of the app's)
+        with create_engine(pg_server.url, isolation_level="AUTOCOMMIT", poolclass=NullPool).connect() as conn:
+            conn.execute(text(f"DROP DATABASE {app_name}"))
+            assert conn.scalar(text("SELECT current_database()")) == "postgres"
+        assert admin.exists(app_name) and not admin.exists(target)
+    finally:
+        admin.conn.execute(f'DROP DATABASE "{app_name}"')
+
+
 def test_pgshards_own_connections_are_never_rewritten(admin: Admin, pg_server: ServerInfo, target: str) -> None:
     with psycopg.connect(make_url(pg_server.url).set(drivername="postgresql").render_as_string(False)) as conn:
         assert conn.execute("SELECT current_database()").fetchone() == ("postgres",)
     assert _current(pg_server.url) == "postgres"  # a SQLAlchemy engine on pgshard's own maintenance database
+
+
+@pytest.mark.parametrize("name", ["app_test", "pgshard_0000_gw1", "pgshard_other_gw0", "postgres"])
+def test_the_run_creates_and_drops_only_this_workers_databases(name: str) -> None:
+    run = Run(Settings(), "0000", "gw0")  # no server: a refusal must come before anything is touched
+    for action in (run.create_database, run.drop_database):
+        with pytest.raises(ServerError, match="only on this worker's databases"):
+            action(name)

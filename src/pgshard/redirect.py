@@ -7,7 +7,8 @@ classes (so engines built before or after, sync or the ``sync_engine`` of an asy
 
 - ``do_connect`` (Engine): a connection whose parameters name a redirected database - or a maintenance
   database (``postgres``, ``template1``) on a server a redirected URL names, as sqlalchemy-utils uses -
-  gets pgshard's host, port, credentials and database instead. The final connect parameters are what we
+  connects with pgshard's host, port, credentials and database instead (on a copy of the parameters;
+  the app's own do_connect listeners still run after ours). The final connect parameters are what we
   look at, so neither the URL's spelling nor the driver (psycopg, psycopg2: ``dbname``; asyncpg, pg8000:
   ``database``) can hide the name.
 - ``before_cursor_execute`` (Engine, retval): ``CREATE/DROP DATABASE <redirected name>`` becomes an action
@@ -30,9 +31,9 @@ import os
 import re
 import threading
 import weakref
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from sqlalchemy import event, exc
 from sqlalchemy.engine import URL, Engine, make_url
@@ -40,7 +41,11 @@ from sqlalchemy.pool import ConnectionPoolEntry, Pool
 
 from pgshard.settings import mask_url
 
-__all__ = ["MAINTENANCE_DATABASES", "DatabaseLifecycle", "follow", "handle_ddl", "install", "reset", "retarget"]
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncEngine
+
+__all__ = ["MAINTENANCE_DATABASES", "DatabaseLifecycle", "follow", "handle_ddl", "install", "redirected_names",
+           "reset", "retarget"]
 
 MAINTENANCE_DATABASES = frozenset({"postgres", "template1", "template0"})
 _GENERATION = "pgshard_redirect_generation"  # ConnectionPoolEntry.info: made for this target generation
@@ -94,7 +99,7 @@ def install(names: Iterable[str], target_url: str) -> None:
         _release_idle()
 
 
-def follow(engine: Any) -> None:
+def follow(engine: Engine | AsyncEngine) -> None:
     """This engine object (an Engine or an AsyncEngine) connects to the current target whatever its URL
     says: the app's own engine keeps its driver, connect_args and listeners but lands on our database."""
     sync_engine = getattr(engine, "sync_engine", engine)
@@ -102,7 +107,12 @@ def follow(engine: Any) -> None:
         raise TypeError(f"pgshard can only follow a SQLAlchemy Engine or AsyncEngine, got {type(engine).__name__}")
     with _state.lock:
         _listen(statements=_state.statements)
+        if sync_engine.dialect in _state.followed:
+            return
         _state.followed.add(sync_engine.dialect)  # one dialect object per engine: it is what do_connect sees
+        # Its pool may already hold connections made before it was followed (unstamped): on this pool, a
+        # connection not made for the current target is never handed out.
+        event.listen(sync_engine, "checkout", _followed_checkout(sync_engine.dialect))
 
 
 @contextlib.contextmanager
@@ -122,6 +132,11 @@ def retarget(url: str) -> Iterator[None]:
             _state.target = previous
             _state.generation += 1
         _release_idle()
+
+
+def redirected_names() -> frozenset[str]:
+    """The database names redirected in this process (a template build's child process redirects them too)."""
+    return _state.names
 
 
 def handle_ddl(lifecycle: DatabaseLifecycle | None) -> None:
@@ -191,14 +206,15 @@ def _known_servers() -> set[tuple[str, int]]:
 
 
 def _on_connect(dialect: Any, record: ConnectionPoolEntry | None, cargs: list[Any],
-                cparams: dict[str, Any]) -> None:
-    """Rewrite the connect parameters of a redirected or followed connection (then let the dialect connect)."""
+                cparams: dict[str, Any]) -> Any:
+    """Connect a redirected or followed connection with rewritten parameters; None: not ours, SQLAlchemy
+    connects as usual."""
     target = _state.target
     if record is not None:
         record.info.pop(_GENERATION, None)
         record.info.pop(_REDIRECTED, None)
     if target is None or dialect.name != "postgresql":
-        return
+        return None
     key = _database_key(dialect, cparams)
     asked = cparams.get(key)
     if dialect in _state.followed or asked in _state.names:
@@ -210,32 +226,61 @@ def _on_connect(dialect: Any, record: ConnectionPoolEntry | None, cargs: list[An
           and _endpoint(cparams) in _known_servers()):
         database, generation = "postgres", None  # the app's maintenance connection: our server's postgres
     else:
-        return
+        return None
+    params = dict(cparams)  # never the dict itself: SQLAlchemy 2.0 hands the same one to every connect
     for name in _ROUTING_KEYS:
-        cparams.pop(name, None)
-    cparams.pop("dbname" if key == "database" else "database", None)
+        params.pop(name, None)
+    params.pop("dbname" if key == "database" else "database", None)
     host, port = _url_endpoint(target)
-    cparams.update({"host": host, "port": port, key: database})
+    params.update({"host": host, "port": port, key: database})
     if target.username is not None:
-        cparams["user"] = target.username
+        params["user"] = target.username
     if target.password is not None:
-        cparams["password"] = str(target.password)
+        params["password"] = str(target.password)
     if record is not None:
         record.info[_REDIRECTED] = True
         if generation is not None:
             record.info[_GENERATION] = generation
+    return _connect(dialect, record, list(cargs), params)
+
+
+def _connect(dialect: Any, record: ConnectionPoolEntry | None, cargs: list[Any], params: dict[str, Any]) -> Any:
+    """Connect with our copy of the parameters the way SQLAlchemy would: the app's own do_connect
+    listeners (registered on its engine, so after ours) still run, on the copy, then the dialect."""
+    listeners = list(dialect.dispatch.do_connect)
+    ours = next((i for i, fn in enumerate(listeners) if getattr(fn, "__wrapped__", fn) is _on_connect), -1)
+    for fn in listeners[ours + 1:]:
+        connection = fn(dialect, record, cargs, params)
+        if connection is not None:
+            return connection
+    return dialect.connect(*cargs, **params)
 
 
 def _on_checkout(dbapi_connection: Any, record: ConnectionPoolEntry, proxy: Any) -> None:
-    _state.idle.discard(record)
+    if _GENERATION in record.info:
+        with _state.lock:  # threads of the app check connections in and out while a target changes
+            _state.idle.discard(record)
     made_for = record.info.get(_GENERATION)
     if made_for is not None and made_for != _state.generation:
         raise exc.DisconnectionError("pgshard: this pooled connection was made for an earlier target database")
 
 
+def _followed_checkout(dialect: Any) -> Callable[[Any, ConnectionPoolEntry, Any], None]:
+    """A checkout listener for one followed engine's pool (only while it is followed: see reset())."""
+    followed = weakref.ref(dialect)
+
+    def on_checkout(dbapi_connection: Any, record: ConnectionPoolEntry, proxy: Any) -> None:
+        if (_state.target is not None and record.info.get(_GENERATION) != _state.generation
+                and followed() in _state.followed):
+            raise exc.DisconnectionError("pgshard: this pooled connection was not made for the current target")
+
+    return on_checkout
+
+
 def _on_checkin(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
     if dbapi_connection is not None and _GENERATION in record.info:
-        _state.idle.add(record)
+        with _state.lock:
+            _state.idle.add(record)
 
 
 def _closable_now(dbapi_connection: Any) -> bool:
@@ -246,11 +291,10 @@ def _closable_now(dbapi_connection: Any) -> bool:
 
 def _release_idle() -> None:
     """Close idle pooled connections made for an earlier target, so none lingers on a clone being dropped."""
-    for record in list(_state.idle):
-        made_for = record.info.get(_GENERATION)
-        if made_for is None or made_for == _state.generation:
-            continue
-        _state.idle.discard(record)
+    with _state.lock:
+        stale = [record for record in _state.idle if record.info.get(_GENERATION) != _state.generation]
+        _state.idle.difference_update(stale)
+    for record in stale:
         if record.dbapi_connection is not None and _closable_now(record.dbapi_connection):
             with contextlib.suppress(Exception):
                 record.invalidate()

@@ -16,11 +16,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pgshard.admin import Admin
+from pgshard.build import BuildDatabases, build_fingerprint
 from pgshard.clones import Clones, CloneTimes, Database, drop_stale, worker_database_name
 from pgshard.host import default_cache_dir
 from pgshard.migrate import blind_commands, hash_globs, parse_migrators
 from pgshard.server import ServerLease, acquire
-from pgshard.server.base import ServerInfo
+from pgshard.server.base import ServerError, ServerInfo
 from pgshard.settings import Settings, env_assignments, mask_url, placeholders
 from pgshard.template import Template, TemplateResult, database_url
 
@@ -142,7 +143,11 @@ class Run:
 
     # -- the app's CREATE/DROP DATABASE of a redirected name (redirect.DatabaseLifecycle) ---------------
     def create_database(self, name: str) -> bool:
-        """A fresh clone of the template (empty without pgshard_migrate) under this worker's name ``name``."""
+        """A fresh clone of the template (empty without pgshard_migrate) under this worker's name ``name``;
+        during a template build (a step re-creating the app's database), the build database afresh."""
+        if build_fingerprint(name, self.settings.prefix) is not None:
+            return self._builds().create_database(name)
+        self._check_ours(name)
         if self.database is None and name == self.database_name:
             self.worker_database()
             return True
@@ -151,7 +156,10 @@ class Run:
         return self.clones.recreate(name)
 
     def drop_database(self, name: str) -> bool:
-        """Drop this worker's database ``name``; False when it does not exist (never made yet, or dropped)."""
+        """Drop this worker's database ``name`` (or the template being built); False when it does not exist."""
+        if build_fingerprint(name, self.settings.prefix) is not None:
+            return self._builds().drop_database(name)
+        self._check_ours(name)
         if self.clones is None:  # dropped by pgshard already when the app's own teardown comes after ours
             return name in self.finished
         return self.clones.drop(name)
@@ -169,6 +177,13 @@ class Run:
         if self.wants_commit_pool and self.clones is not None:
             self.clones.start_pool()
         return database
+
+    def _builds(self) -> BuildDatabases:
+        return BuildDatabases(self.start_server().url, self.settings.prefix, self.run_id)
+
+    def _check_ours(self, name: str) -> None:
+        if name != self.database_name and not name.startswith(self.database_name + "_t"):
+            raise ServerError(f"pgshard acts only on this worker's databases ({self.database_name}...), not {name}")
 
     def finish(self) -> None:
         """Drop this worker's clones (or keep them, with --pg-keep)."""

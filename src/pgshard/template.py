@@ -19,8 +19,9 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 from sqlalchemy.engine import make_url
 
+from pgshard import redirect
 from pgshard.admin import Admin, Marker
-from pgshard.build import apply_steps
+from pgshard.build import BuildDatabases, apply_steps, build_name
 from pgshard.migrate import MigrationError, Migrator
 from pgshard.server.base import ServerError, ServerInfo
 from pgshard.settings import env_assignments, placeholders
@@ -145,13 +146,16 @@ class Template:
         return error
 
     def _build(self, name: str) -> None:
-        build = f"{name}_build"
+        build = build_name(name)
         if self.admin.exists(build):  # a build that crashed half-way: ours, never used, start over
             self.admin.drop(build, force=True)
         self.admin.create(build, Marker("build", self.run_id, fingerprint=self.fingerprint()), template="template0")
         url = database_url(self.server.url, build)
         try:
-            apply_steps(self.migrators, url, env_assignments(self.env_lines, placeholders(url)))
+            # the app's own (redirected or followed) engines build the template too, in-process or in the child
+            with redirect.retarget(url):
+                apply_steps(self.migrators, url, env_assignments(self.env_lines, placeholders(url)),
+                            BuildDatabases(self.server.url, self.admin.prefix, self.run_id))
         except BaseException:
             self.admin.drop(build, force=True)
             raise
