@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 from pgshard import redirect
 from pgshard.clones import Database
 from pgshard.fastapi import make_async_client, make_client, override_dependency
-from pgshard.migrate import MigrationError
+from pgshard.migrate import MigrationError, parse_migrators
 from pgshard.queries import QueryCounter
 from pgshard.run import HANDOFF, Run, summary_lines
 from pgshard.sandbox import AsyncSandbox, SandboxError, is_async_maker, rebind, rebind_class, sandbox
@@ -75,6 +75,7 @@ def pytest_load_initial_conftests(early_config: pytest.Config, parser: pytest.Pa
         settings = _settings(early_config, namespace)
         if settings.shard:  # a bad --shard is a usage error before any server starts
             parse_shard(settings.shard)
+        parse_migrators(settings.migrate, settings.rootdir)  # likewise a bad pgshard_migrate line
         worker_id = os.environ.get("PYTEST_XDIST_WORKER", "main") if _is_worker_process() else "main"
         run = Run.from_handoff(settings, worker_id) if _is_worker_process() else None
         if run is None:

@@ -22,7 +22,7 @@ from pgshard.migrate import parse_migrators
 from pgshard.server import ServerLease, acquire
 from pgshard.server.base import ServerInfo
 from pgshard.settings import Settings, env_assignments, mask_url, placeholders
-from pgshard.template import Template, TemplateResult, database_url
+from pgshard.template import Template, TemplateResult, database_url, project_key
 
 HANDOFF = "PGSHARD_HANDOFF"  # controller -> xdist workers: the server and the run id
 
@@ -114,7 +114,7 @@ class Run:
             with Admin(server.url, self.settings.prefix) as admin:
                 template = Template(admin, server, migrators, lock_dir=lock_dir, run_id=self.run_id,
                                     rebuild=self.settings.rebuild, keep=self.settings.keep_templates,
-                                    env_lines=self.settings.env)
+                                    env_lines=self.settings.env, project=project_key(self.settings.rootdir))
                 self.template = template.ensure()
         return self.template
 

@@ -19,7 +19,7 @@ from filelock import FileLock, Timeout
 from sqlalchemy.engine import make_url
 
 from pgshard.admin import Admin, Marker
-from pgshard.migrate import MigrationError, Migrator
+from pgshard.migrate import MigrationError, Migrator, _sha
 from pgshard.server.base import ServerError, ServerInfo
 from pgshard.settings import env_assignments, placeholders, temporary_env
 from pgshard.version import __version__
@@ -38,6 +38,19 @@ def database_url(server_url: str, name: str) -> str:
     return make_url(server_url).set(database=name).render_as_string(hide_password=False)
 
 
+def swap_lock(template: str) -> str:
+    """The advisory-lock key guarding a template's name: every clone holds it shared while it copies,
+    a rebuild holds it exclusively for the moment it drops the old template and renames the new one, so
+    a live run never finds the name missing (and never copies a template being dropped)."""
+    return f"swap:{template}"
+
+
+def project_key(rootdir: Path) -> str:
+    """Which project built a template (its rootdir, hashed): pgshard_keep_templates counts per project,
+    so two projects sharing one server do not evict each other's templates."""
+    return _sha(str(rootdir.resolve()))[:12]
+
+
 class Template:
     def __init__(
         self,
@@ -50,6 +63,7 @@ class Template:
         rebuild: bool = False,
         keep: int = 3,
         env_lines: Sequence[str] = (),
+        project: str = "",
     ) -> None:
         self.admin = admin
         self.server = server
@@ -59,6 +73,7 @@ class Template:
         self.rebuild = rebuild
         self.keep = keep
         self.env_lines = tuple(env_lines)
+        self.project = project
         self._fingerprint: str | None = None
 
     def fingerprint(self) -> str:
@@ -134,19 +149,24 @@ class Template:
             self.admin.drop(build, force=True)
             raise
         self.admin.terminate(build)  # engines the migrations left open would block every clone
-        if self.admin.exists(name):
-            self.admin.drop(name, force=True)
-        self.admin.rename(build, name)
-        self.admin.mark(name, Marker("template", self.run_id, fingerprint=self.fingerprint()))
-        self.admin.seal(name)
+        with self.admin.advisory_lock(swap_lock(name)):  # --pg-rebuild: live runs wait a moment, never fail
+            if self.admin.exists(name):
+                self.admin.drop(name, force=True)
+            self.admin.rename(build, name)
+            self.admin.mark(name, Marker("template", self.run_id, fingerprint=self.fingerprint(),
+                                         project=self.project))
+            self.admin.seal(name)
 
     def collect_garbage(self) -> list[str]:
-        """Drop templates of older fingerprints beyond the newest ``keep``; returns what was dropped."""
+        """Drop this project's templates of older fingerprints beyond the newest ``keep`` (other projects'
+        templates are theirs to count; unattributed ones, from an older pgshard, count for everyone);
+        returns what was dropped."""
         everything = self.admin.databases()
         in_use = {d.marker.fingerprint for d in everything  # live runs still clone from these
                   if d.marker is not None and d.marker.kind in ("clone", "build") and d.marker.fingerprint}
         others = [d for d in everything if d.name.startswith(f"{self.admin.prefix}_tpl_") and d.name != self.name
-                  and d.marker is not None and d.marker.kind == "template" and d.marker.fingerprint not in in_use]
+                  and d.marker is not None and d.marker.kind == "template" and d.marker.fingerprint not in in_use
+                  and d.marker.project in (self.project, "")]
         others.sort(key=lambda d: d.marker.started if d.marker else 0.0, reverse=True)
         dropped = []
         for old in others[self.keep:]:
