@@ -111,12 +111,16 @@ class Template:
     def ensure(self) -> TemplateResult:
         name = self.name
         started = time.perf_counter()
-        lock = FileLock(str(self._lock_path()), timeout=1800)
         try:
+            lock = FileLock(str(self._lock_path()), timeout=1800)
             lock.acquire()
         except Timeout:
             raise ServerError(f"waited 30 min for another process building {name} ({lock.lock_file}); "
                               "if none runs, delete that file") from None
+        except OSError as exc:  # the lock path is a directory, its parent a file, a read-only filesystem
+            raise ServerError(f"cannot take the template lock {exc.filename or self.lock_dir}: "
+                              f"{exc.strerror or exc}; remove it or set pgshard_cache_dir (PGSHARD_CACHE_DIR)"
+                              ) from None
         try:
             with self.admin.advisory_lock(name):
                 waited = time.perf_counter() - started
