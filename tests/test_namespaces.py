@@ -1,4 +1,4 @@
-"""Issue 10 items 3, 7, 11, 12 as plain objects against the real server: what a prefix claims, which templates
+"""Issue 10 items 3, 4, 7, 11, 12 as plain objects against the real server: what a prefix claims, which templates
 a project may evict, a rebuild under concurrent cloning, and pgshard_migrate lines checked before any run."""
 
 from __future__ import annotations
@@ -9,14 +9,16 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import psycopg
 import pytest
 from psycopg import sql
 
 from pgshard.admin import Admin, Marker, NotOurs
 from pgshard.cli import main
 from pgshard.clones import Clones, drop_stale
+from pgshard.faults import classify
 from pgshard.migrate import parse_migrators
-from pgshard.server.base import ServerInfo
+from pgshard.server.base import ServerError, ServerInfo
 from pgshard.settings import SettingsError
 from pgshard.template import Template, project_key
 from tests.test_cli import dead_pid
@@ -145,3 +147,39 @@ def test_a_rebuild_never_pulls_the_template_from_under_concurrent_clones(pg_serv
         cloner.join(timeout=120)
     clones.close()
     assert errors == [] and made > 0
+
+
+def test_a_template_lock_path_that_is_a_directory_is_one_line(pg_server: ServerInfo, cleanup: Admin,
+                                                              tmp_path: Path) -> None:
+    template = Template(cleanup, pg_server, _sql_migrators(tmp_path, "CREATE TABLE a (v int);"),
+                        lock_dir=tmp_path / "locks", run_id="r")
+    template._lock_path().mkdir()  # where the lock file belongs
+    with pytest.raises(ServerError) as info:
+        template.ensure()
+    message = str(info.value)
+    assert "cannot take the template lock" in message and "Is a directory" in message
+    assert "pgshard_cache_dir" in message and "\n" not in message
+    assert cleanup.databases() == []
+
+
+@pytest.mark.parametrize(("error", "kind"), [
+    (psycopg.errors.InsufficientPrivilege("permission denied to create database"), "privilege"),
+    (psycopg.errors.DiskFull('could not extend file "base/1/2": No space left on device'), "disk"),
+    (psycopg.OperationalError('connection failed: FATAL:  sorry, too many clients already'), "connections"),
+    (psycopg.OperationalError("connection failed: Connection refused\n\tIs the server running on that host?"),
+     "died"),
+    (ConnectionRefusedError(111, "Connection refused"), "died"),  # asyncpg's connect raises the builtin
+    (ConnectionError("redis: Connection refused"), None),  # another service's words are not the database's
+    (ValueError("permission denied to create database"), None),
+])
+def test_foreign_faults_are_recognised_by_sqlstate_or_the_servers_words(error: BaseException,
+                                                                        kind: str | None) -> None:
+    from sqlalchemy.exc import OperationalError
+
+    fault = classify(error)
+    assert (fault.kind if fault else None) == kind
+    wrapped = OperationalError("SELECT 1", {}, error)  # as SQLAlchemy raises it, "(psycopg...) " in front
+    found = classify(wrapped)
+    assert (found.kind if found else None) == kind
+    if found is not None:
+        assert not found.detail.startswith("(")

@@ -258,3 +258,27 @@ def test_a_full_disk_is_one_line_naming_the_cache_dir_and_the_next_run_is_green(
         assert _postmasters_of(mount) == []
     finally:
         shutil.rmtree(mount, ignore_errors=True)
+
+
+@pytest.mark.parametrize(("args", "env", "needle"), [
+    (["-o", "pgshard_rebuild=maybe"], {}, "pgshard_rebuild must be true or false"),
+    ([], {"PGSHARD_REBUILD": "perhaps"}, "PGSHARD_REBUILD must be true or false"),
+    (["-o", "pgshard_keep_templates=-1"], {}, "pgshard_keep_templates must not be negative"),
+    (["-o", "pgshard_commit_pool=lots"], {}, "pgshard_commit_pool must be a whole number"),
+    (["-o", "pgshard_async_driver=aiopg"], {}, "pgshard_async_driver must be psycopg or asyncpg"),
+    (["-o", "pgshard_env=NO_EQUALS_SIGN"], {}, "pgshard_env lines look like NAME=template"),
+    (["-o", "pgshard_server=podman"], {}, "--pg-server (PGSHARD_SERVER) must be one of"),
+    (["--pg-server", "url"], {}, "--pg-server url needs --pg-url"),
+    (["-o", "pgshard_prefix=" + "p" * 21], {}, "pgshard_prefix must be lowercase"),
+])
+def test_each_bad_option_value_is_one_line_naming_it_before_any_test(
+        pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, args: list[str], env: dict[str, str],
+        needle: str) -> None:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    pytester.makepyfile(test_many=MANY_TESTS.format(count=30))
+    result = pytester.runpytest_subprocess("-p", "no:randomly", "-p", "no:cacheprovider", *args)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    text = _text(result)
+    assert "Traceback" not in text and "test_item" not in text, text
+    assert [line for line in text.splitlines() if needle in line and line.startswith("ERROR: pgshard:")], text
