@@ -39,12 +39,21 @@ KILLS_THE_SERVER = '''
 import glob, os, signal, pytest
 from sqlalchemy import text
 
+HERE = os.path.dirname(__file__)
+
 @pytest.mark.parametrize("i", range(120))
 def test_item(i, db_session):
-    if i == 10:  # an immediate shutdown of the postmaster, as an OOM kill or a crash would leave it
+    assert db_session.execute(text("SELECT 1")).scalar() == 1
+    with open(os.path.join(HERE, "ran.txt"), "a") as fh:
+        fh.write("x\\n")
+    if len(open(os.path.join(HERE, "ran.txt")).read().split()) >= 10:  # whichever worker gets there first
+        try:
+            open(os.path.join(HERE, "killed"), "x").close()
+        except FileExistsError:
+            return
+        # an immediate shutdown of the postmaster, as an OOM kill or a crash would leave it
         pidfile = glob.glob(os.environ["PGSHARD_CACHE_DIR"] + "/pg*/data/postmaster.pid")[0]
         os.kill(int(open(pidfile).readline()), signal.SIGQUIT)
-    assert db_session.execute(text("SELECT 1")).scalar() == 1
 '''
 
 
@@ -125,7 +134,7 @@ def test_a_server_that_dies_mid_run_is_one_line_naming_its_log_and_the_next_run_
     text = _one_line_for_the_run(result, "the server died mid-run")
     log = re.search(r"see its log at (\S+)", text)
     assert log is not None and log.group(1).startswith(str(own_cache)) and Path(log.group(1)).is_file(), text
-    assert result.parseoutcomes().get("passed", 0) < 115  # stopped, not 110 tracebacks
+    assert result.parseoutcomes().get("passed", 0) < 60  # stopped after the kill, not 110 tracebacks
     assert _postmasters_of(own_cache) == []
 
     (project.root / "test_kill.py").unlink()
