@@ -68,8 +68,8 @@ def _detail(exc: BaseException, phrase: str | None) -> str:
 def classify(exc: BaseException) -> Fault | None:
     """The foreign fault behind ``exc`` (anywhere in its chain), or None for an ordinary error."""
     for current in _chain(exc):
-        if not _speaks_for_database(current):
-            continue
+        if not _speaks_for_database(current) or isinstance(getattr(current, "orig", None), BaseException):
+            continue  # a SQLAlchemy wrapper: its driver error (next in the chain) is judged instead
         sqlstate = getattr(current, "sqlstate", None) or getattr(current, "pgcode", None)
         text = str(current).lower()
         for kind, states, phrases in _RULES:

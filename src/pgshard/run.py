@@ -23,7 +23,7 @@ from pgshard.faults import advice, classify
 from pgshard.host import default_cache_dir
 from pgshard.migrate import parse_migrators
 from pgshard.server import ServerLease, acquire
-from pgshard.server.base import ServerInfo, connect
+from pgshard.server.base import ServerError, ServerInfo, connect
 from pgshard.settings import Settings, env_assignments, mask_url, placeholders
 from pgshard.template import Template, TemplateResult, database_url, project_key
 
@@ -60,7 +60,12 @@ class Run:
         """Acquire the server for this process (controller or solo run) and clean up after dead runs."""
         if self.server is None:
             started = time.perf_counter()
-            self.lease = acquire(self.settings)
+            try:
+                self.lease = acquire(self.settings)
+            except OSError as exc:  # a lock path that is a directory, a cache dir on a read-only filesystem
+                where = f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc)
+                raise ServerError(f"cannot use the cache dir ({where}); fix that path or set pgshard_cache_dir "
+                                  "(PGSHARD_CACHE_DIR)") from None
             atexit.register(self.stop_server)  # released even when pytest exits before unconfigure
             self.server = self.lease.info
             self.timings["server"] = time.perf_counter() - started
@@ -252,9 +257,9 @@ def summary_lines(server: ServerInfo | None, stats: list[dict[str, Any]], stale:
         wait = f"{statistics.median(waits):.1f} ms" if waits else "not reported"
         lines.append(f"db_commit clones: {commits}, median wait {wait}")
     errors = sorted({str(s["finish_error"]) for s in stats if s.get("finish_error")})
-    for error in errors:
-        lines.append(f"could not drop this run's clones ({error.removeprefix('pgshard: ')}); the next run or "
-                     "`pgshard clean` drops them")
+    for error in errors:  # the cause only: a foreign fault's whole line was shown with the failing test
+        lines.append(f"could not drop this run's clones ({error.removeprefix('pgshard: ').split(' (')[0]}); "
+                     "the next run or `pgshard clean` drops them")
     kept = [url for s in stats for url in s.get("kept", [])]
     if kept:
         lines.append("kept (--pg-keep; drop with `pgshard clean`): " + ", ".join(kept))

@@ -291,3 +291,17 @@ def test_each_bad_option_value_is_one_line_naming_it_before_any_test(
     text = _text(result)
     assert "Traceback" not in text and "test_item" not in text, text
     assert [line for line in text.splitlines() if needle in line and line.startswith("ERROR: pgshard:")], text
+
+
+def test_a_server_lock_path_that_is_a_directory_is_one_usage_line(project: Project, own_cache: Path) -> None:
+    from pgshard.server.embedded import EmbeddedServer
+
+    lock = Path(EmbeddedServer(cache_dir=own_cache)._lock.lock_file)
+    lock.mkdir(parents=True)
+    project.pytester.makepyfile(test_many=MANY_TESTS.format(count=20))
+    result = project.run("-n", "2")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    text = _text(result)
+    assert "Traceback" not in text and "test_item" not in text, text
+    assert [line for line in text.splitlines()
+            if "Is a directory" in line and str(lock) in line and "pgshard_cache_dir" in line], text
