@@ -183,3 +183,13 @@ def test_foreign_faults_are_recognised_by_sqlstate_or_the_servers_words(error: B
     assert (found.kind if found else None) == kind
     if found is not None:
         assert not found.detail.startswith("(")
+
+
+def test_a_template_dropped_before_this_run_clones_it_is_one_line(pg_server: ServerInfo, cleanup: Admin) -> None:
+    gone = f"{cleanup.prefix}_tpl_{'0' * 16}"
+    clones = Clones(pg_server.url, pg_server, gone, prefix=cleanup.prefix, run_id="r", worker_id="gw0")
+    with pytest.raises(ServerError, match=f"cannot clone {gone}: it no longer exists") as info:
+        clones.worker_database()
+    assert "\n" not in str(info.value) and "run again" in str(info.value)
+    clones.close()
+    assert cleanup.databases() == []

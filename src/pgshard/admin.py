@@ -165,6 +165,11 @@ class Admin:
         except psycopg.errors.ObjectInUse as exc:
             raise ServerError(f"cannot clone {template}: someone is connected to it ({exc.diag.message_detail or exc})"
                               ) from None
+        except psycopg.errors.InvalidCatalogName:
+            if not template:
+                raise
+            raise ServerError(f"cannot clone {template}: it no longer exists (dropped by `pgshard clean --all` or "
+                              "another project's template collection while this run started); run again") from None
         self.mark(name, marker)
         return time.perf_counter() - started
 
