@@ -38,6 +38,7 @@ class Marker:
     pid: int = field(default_factory=os.getpid)
     started: float = field(default_factory=time.time)
     fingerprint: str = ""
+    project: str = ""  # templates: whose pgshard_keep_templates counts them ("": built by an older pgshard)
 
     def render(self) -> str:
         return MARKER_PREFIX + json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
@@ -48,7 +49,8 @@ class Marker:
             return None
         try:
             data = json.loads(comment[len(MARKER_PREFIX):])
-            return cls(**{k: data[k] for k in ("kind", "run", "host", "pid", "started", "fingerprint") if k in data})
+            return cls(**{k: data[k] for k in ("kind", "run", "host", "pid", "started", "fingerprint", "project")
+                          if k in data})
         except (ValueError, TypeError):
             return None
 
@@ -67,6 +69,10 @@ def check_name(name: str) -> str:
     if not _NAME.match(name):
         raise ValueError(f"invalid database name {name!r}: lowercase letters, digits and _, at most 63")
     return name
+
+
+def _like_escape(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("_", "\\_").replace("%", "\\%")
 
 
 def lock_key(text: str) -> int:
@@ -100,21 +106,29 @@ class Admin:
         self.close()
 
     # -- reading -----------------------------------------------------------------------------
-    def databases(self, name_like: str | None = None, *, sizes: bool = False) -> list[DatabaseInfo]:
-        """pgshard's databases on this server (by prefix), with their markers. Sizes only on request:
-        each one walks the database's directory, which every run start would pay for."""
-        pattern = (name_like or self.prefix).replace("\\", "\\\\").replace("_", "\\_").replace("%", "\\%") + "%"
+    def in_namespace(self, name: str) -> bool:
+        """``prefix_...`` exactly: prefix ``pgshard`` must not claim ``pgshardx_tpl_1`` or ``pgsharded_prod``."""
+        return name.startswith(self.prefix + "_")
+
+    def databases(self, name: str | None = None, *, sizes: bool = False) -> list[DatabaseInfo]:
+        """pgshard's databases on this server (``prefix_`` names), with their markers, or the one
+        ``name``. Sizes only on request: each one walks the database's directory, which every run
+        start would pay for."""
         size = "coalesce(pg_database_size(d.oid), 0)" if sizes else "0"  # NULL while a concurrent DROP runs
+        if name is None:  # LIKE with _ and % escaped: the prefix's own characters match only themselves
+            where, arg = "d.datname LIKE %s", _like_escape(self.prefix + "_") + "%"
+        else:
+            where, arg = "d.datname = %s", name
         rows = self.conn.execute(
             f"""SELECT d.datname, shobj_description(d.oid, 'pg_database'), d.datistemplate, d.datallowconn,
                       {size}, (SELECT count(*) FROM pg_stat_activity a WHERE a.datid = d.oid)
-               FROM pg_database d WHERE d.datname LIKE %s ORDER BY d.datname""",
-            (pattern,),
+               FROM pg_database d WHERE {where} ORDER BY d.datname""",
+            (arg,),
         ).fetchall()
         return [DatabaseInfo(r[0], Marker.parse(r[1]), r[2], r[3], int(r[4]), int(r[5])) for r in rows]
 
     def info(self, name: str) -> DatabaseInfo | None:
-        found = [d for d in self.databases(name) if d.name == name]
+        found = self.databases(name)
         return found[0] if found else None
 
     def exists(self, name: str) -> bool:
@@ -131,15 +145,15 @@ class Admin:
         found = self.info(name)
         if found is None:
             raise NotOurs(f"database {name} does not exist")
-        if not name.startswith(self.prefix) or found.marker is None:
+        if not self.in_namespace(name) or found.marker is None:
             raise NotOurs(f"database {name} was not created by pgshard (no ownership marker); left untouched")
         return found
 
     def create(self, name: str, marker: Marker, *, template: str | None = None, strategy: str | None = None) -> float:
         """CREATE DATABASE (from ``template`` when given) and mark it ours. Returns seconds taken."""
         check_name(name)
-        if not name.startswith(self.prefix):
-            raise ValueError(f"database name {name} must start with the prefix {self.prefix}")
+        if not self.in_namespace(name):
+            raise ValueError(f"database name {name} must start with the prefix {self.prefix}_")
         query = sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name))
         if template:
             query += sql.SQL(" TEMPLATE {}").format(sql.Identifier(template))
@@ -151,6 +165,11 @@ class Admin:
         except psycopg.errors.ObjectInUse as exc:
             raise ServerError(f"cannot clone {template}: someone is connected to it ({exc.diag.message_detail or exc})"
                               ) from None
+        except psycopg.errors.InvalidCatalogName:
+            if not template:
+                raise
+            raise ServerError(f"cannot clone {template}: it no longer exists (dropped by `pgshard clean --all` or "
+                              "another project's template collection while this run started); run again") from None
         self.mark(name, marker)
         return time.perf_counter() - started
 
@@ -192,12 +211,14 @@ class Admin:
                           "WHERE datname = %s AND pid <> pg_backend_pid()", (name,))
 
     @contextlib.contextmanager
-    def advisory_lock(self, key: str) -> Iterator[None]:
-        """A server-wide lock (session level): serialises runs on different machines sharing a server."""
+    def advisory_lock(self, key: str, *, shared: bool = False) -> Iterator[None]:
+        """A server-wide lock (session level): serialises runs on different machines sharing a server.
+        ``shared``: many holders at once, excluded only by an exclusive holder (clones vs. a rebuild)."""
         number = lock_key(key)
-        self.conn.execute("SELECT pg_advisory_lock(%s)", (number,))
+        suffix = "_shared" if shared else ""
+        self.conn.execute(f"SELECT pg_advisory_lock{suffix}(%s)", (number,))
         try:
             yield
         finally:
             if not self.conn.closed:
-                self.conn.execute("SELECT pg_advisory_unlock(%s)", (number,))
+                self.conn.execute(f"SELECT pg_advisory_unlock{suffix}(%s)", (number,))

@@ -16,7 +16,7 @@ from pgshard.admin import Admin, Marker
 from pgshard.host import host_identity, pid_alive
 from pgshard.server.base import ServerError, ServerInfo
 from pgshard.settings import mask_url
-from pgshard.template import database_url
+from pgshard.template import database_url, swap_lock
 
 
 @dataclass(frozen=True)
@@ -87,7 +87,9 @@ class Clones:
         return Database(name, database_url(self.server.url, name))
 
     def _clone(self, admin: Admin, name: str) -> float:
-        seconds = admin.create(name, self._marker(), template=self.template, strategy=clone_strategy(self.server))
+        with admin.advisory_lock(swap_lock(self.template), shared=True):  # a --pg-rebuild elsewhere waits
+            seconds = admin.create(name, self._marker(), template=self.template,
+                                   strategy=clone_strategy(self.server))
         with self._names_lock:
             if name not in self.created:
                 self.created.append(name)
@@ -213,7 +215,7 @@ def stale_databases(admin: Admin, ttl_hours: float, now: float | None = None) ->
     stale = []
     for db in admin.databases():
         marker = db.marker
-        if marker is None or marker.kind not in ("clone", "build") or not db.name.startswith(admin.prefix):
+        if marker is None or marker.kind not in ("clone", "build") or not admin.in_namespace(db.name):
             continue
         if marker.host == host:
             if not pid_alive(marker.pid):

@@ -360,7 +360,8 @@ def blind_commands(migrators: Sequence[Migrator]) -> list[str]:
 
 
 def parse_migrators(lines: Sequence[str], rootdir: Path) -> list[Migrator]:
-    """Turn ``pgshard_migrate`` lines into migrators; a bad line is one error naming it."""
+    """Turn ``pgshard_migrate`` lines into migrators; a bad line is one error naming it. Imports nothing
+    of the project's (that waits until the build), so it can check the lines when the run starts."""
     migrators: list[Migrator] = []
     for line in lines:
         kind, sep, arg = line.partition(":")
@@ -377,7 +378,10 @@ def parse_migrators(lines: Sequence[str], rootdir: Path) -> list[Migrator]:
         elif kind == "metadata":
             migrators.append(MetadataMigrator(line, arg))
         elif kind == "sql":
-            migrators.append(SqlMigrator(line, (rootdir / arg).resolve()))
+            where = (rootdir / arg).resolve()
+            if not where.exists():
+                raise SettingsError(f"pgshard_migrate line {line!r}: {where} does not exist")
+            migrators.append(SqlMigrator(line, where))
         elif kind == "python":
             migrators.append(PythonMigrator(line, arg))
         else:

@@ -21,7 +21,8 @@ from sqlalchemy.orm import Session
 from pgshard import redirect
 from pgshard.clones import Database
 from pgshard.fastapi import make_async_client, make_client, override_dependency
-from pgshard.migrate import MigrationError
+from pgshard.faults import classify
+from pgshard.migrate import MigrationError, parse_migrators
 from pgshard.queries import QueryCounter
 from pgshard.run import HANDOFF, Run, summary_lines
 from pgshard.sandbox import AsyncSandbox, SandboxError, is_async_maker, rebind, rebind_class, sandbox
@@ -75,6 +76,7 @@ def pytest_load_initial_conftests(early_config: pytest.Config, parser: pytest.Pa
         settings = _settings(early_config, namespace)
         if settings.shard:  # a bad --shard is a usage error before any server starts
             parse_shard(settings.shard)
+        parse_migrators(settings.migrate, settings.rootdir)  # likewise a bad pgshard_migrate line
         worker_id = os.environ.get("PYTEST_XDIST_WORKER", "main") if _is_worker_process() else "main"
         run = Run.from_handoff(settings, worker_id) if _is_worker_process() else None
         if run is None:
@@ -109,6 +111,8 @@ def pytest_configure(config: pytest.Config) -> None:
         run.run_id = str(workerinput["testrunuid"])[:8]
         run.worker_id = str(workerinput["workerid"])
     config.stash[WORKER_STATS] = []
+    if workerinput is None:
+        config.pluginmanager.register(_CommitTests(run), "pgshard-commit-tests")
     if config.pluginmanager.hasplugin("xdist"):
         config.pluginmanager.register(_XdistHooks(config), "pgshard-xdist")
     if run.settings.shard or run.settings.store_durations:
@@ -123,6 +127,18 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     if run is not None:
         run.finish()
         run.stop_server()
+
+
+class _CommitTests:
+    """Counts the db_commit tests that ran, from the reports the controller itself receives: the summary's
+    "db_commit clones" line must not hinge on every worker's statistics arriving."""
+
+    def __init__(self, run: Run) -> None:
+        self.run = run
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        if report.when == "setup" and report.passed and "db_commit" in report.keywords:
+            self.run.commit_tests += 1
 
 
 class _XdistHooks:
@@ -207,6 +223,8 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         _ready_database(run)
         return
     except (SettingsError, ServerError, MigrationError) as exc:
+        if classify(exc) is not None:  # a foreign fault (no CREATEDB, disk full...): makereport's one line
+            raise
         message = f"pgshard: {exc}"
         elsewhere = isinstance(exc, MigrationError) and exc.elsewhere
     item.session.shouldstop = message
@@ -234,7 +252,7 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
     stats = config.stash.get(WORKER_STATS, [])
     if run.server is None and not stats:
         return
-    lines = summary_lines(run.server, stats, run.stale_dropped, run.timings.get("server"))
+    lines = summary_lines(run.server, stats, run.stale_dropped, run.timings.get("server"), run.commit_tests)
     if lines:
         terminalreporter.write_sep("-", "pgshard")
         for line in lines:
@@ -244,10 +262,20 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(
         item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, pytest.TestReport, pytest.TestReport]:
-    """A SandboxError is advice, not a bug: show its one line instead of SQLAlchemy's stack."""
+    """A SandboxError is advice, not a bug: show its one line instead of SQLAlchemy's stack. A fault that
+    is not pgshard's own and that every later test would hit too (no CREATEDB, disk full, the server died,
+    no free connection slot: faults.py) becomes one line that says what to do, and the session stops."""
     report = yield
-    if call.excinfo is not None and call.excinfo.errisinstance(SandboxError):
+    if call.excinfo is None:
+        return report
+    if call.excinfo.errisinstance(SandboxError):
         report.longrepr = f"pgshard: {call.excinfo.value}"
+    elif not call.excinfo.errisinstance(pytest.fail.Exception):
+        run = item.config.stash.get(RUN, None)
+        line = run.explain(call.excinfo.value) if run is not None else None
+        if line is not None:
+            report.longrepr = line
+            item.session.shouldstop = line
     return report
 
 
@@ -261,27 +289,38 @@ def _guard(func: Any, *args: Any) -> Any:
     try:
         return func(*args)
     except (SettingsError, ServerError, MigrationError, SandboxError) as exc:
+        if classify(exc) is not None:  # a foreign fault behind ours: pytest_runtest_makereport explains it
+            raise
         message = f"pgshard: {exc}"
     pytest.fail(message, pytrace=False)  # outside the except: no chained traceback
+
+
+def _session_step(request: pytest.FixtureRequest, func: Callable[[], Any]) -> Any:
+    """A session fixture's failure would repeat for every later test: one line, then the session stops."""
+    try:
+        return _guard(func)
+    except pytest.fail.Exception as exc:
+        request.session.shouldstop = str(exc.msg)
+        raise
 
 
 @pytest.fixture(scope="session")
 def pg_server(request: pytest.FixtureRequest) -> ServerInfo:
     """The PostgreSQL server of this run (``.url`` of its maintenance database, ``.version``)."""
-    server: ServerInfo = _guard(_run(request).start_server)
+    server: ServerInfo = _session_step(request, _run(request).start_server)
     return server
 
 
 @pytest.fixture(scope="session")
 def pg_template(request: pytest.FixtureRequest, pg_server: ServerInfo) -> Any:
     """The sealed template database (built once per fingerprint, under a lock)."""
-    return _guard(_run(request).ensure_template)
+    return _session_step(request, _run(request).ensure_template)
 
 
 @pytest.fixture(scope="session")
 def pg_database(request: pytest.FixtureRequest, pg_template: Any) -> Database:
     """This worker's own clone of the template: ``.name``, ``.url``."""
-    database: Database = _guard(_ready_database, _run(request))
+    database: Database = _session_step(request, lambda: _ready_database(_run(request)))
     return database  # dropped in pytest_sessionfinish, after the project's own session fixtures are torn down
 
 

@@ -15,15 +15,18 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from sqlalchemy.engine import make_url
+
 from pgshard.admin import Admin
 from pgshard.build import BuildDatabases, build_fingerprint
 from pgshard.clones import Clones, CloneTimes, Database, drop_stale, worker_database_name
+from pgshard.faults import advice, classify
 from pgshard.host import default_cache_dir
 from pgshard.migrate import blind_commands, hash_globs, parse_migrators
 from pgshard.server import ServerLease, acquire
-from pgshard.server.base import ServerError, ServerInfo
+from pgshard.server.base import ServerError, ServerInfo, connect
 from pgshard.settings import Settings, env_assignments, mask_url, placeholders
-from pgshard.template import Template, TemplateResult, database_url
+from pgshard.template import Template, TemplateResult, database_url, project_key
 
 HANDOFF = "PGSHARD_HANDOFF"  # controller -> xdist workers: the server and the run id
 
@@ -47,6 +50,9 @@ class Run:
     finished: set[str] = field(default_factory=set)  # databases this worker made and has dropped at its end
     notes: list[str] = field(default_factory=list)  # said once in the summary (e.g. a command cache is blind)
     failure: Exception | None = None  # the worker's database could not be made
+    commit_tests: int = 0  # db_commit tests whose setup passed, counted from reports (controller)
+    fault: str | None = None  # the first foreign fault's one line (faults.py): later ones repeat it
+    finish_error: str | None = None  # why this worker's clones could not be dropped
 
     # -- the server ----------------------------------------------------------------------------
     @staticmethod
@@ -57,7 +63,12 @@ class Run:
         """Acquire the server for this process (controller or solo run) and clean up after dead runs."""
         if self.server is None:
             started = time.perf_counter()
-            self.lease = acquire(self.settings)
+            try:
+                self.lease = acquire(self.settings)
+            except OSError as exc:  # a lock path that is a directory, a cache dir on a read-only filesystem
+                where = f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc)
+                raise ServerError(f"cannot use the cache dir ({where}); fix that path or set pgshard_cache_dir "
+                                  "(PGSHARD_CACHE_DIR)") from None
             atexit.register(self.stop_server)  # released even when pytest exits before unconfigure
             self.server = self.lease.info
             self.timings["server"] = time.perf_counter() - started
@@ -127,7 +138,8 @@ class Run:
             with Admin(server.url, self.settings.prefix) as admin:
                 template = Template(admin, server, migrators, lock_dir=lock_dir, run_id=self.run_id,
                                     rebuild=self.settings.rebuild, keep=self.settings.keep_templates,
-                                    env_lines=self.settings.env, inputs=inputs)
+                                    env_lines=self.settings.env, inputs=inputs,
+                                    project=project_key(self.settings.rootdir))
                 self.template = template.ensure()
         return self.template
 
@@ -186,11 +198,51 @@ class Run:
             raise ServerError(f"pgshard acts only on this worker's databases ({self.database_name}...), not {name}")
 
     def finish(self) -> None:
-        """Drop this worker's clones (or keep them, with --pg-keep)."""
+        """Drop this worker's clones (or keep them, with --pg-keep). Never raises: it runs in pytest's
+        session teardown, where a server that died mid-run would otherwise print a traceback wall; the
+        reason goes to the summary and the next run (or `pgshard clean`) drops what is left."""
         if self.clones is not None:
-            self.finished.update(self.clones.created)
-            self.kept = self.clones.close(keep=self.settings.keep)
-            self.clones = None
+            clones, self.clones = self.clones, None
+            self.finished.update(clones.created)
+            try:
+                self.kept = clones.close(keep=self.settings.keep)
+            except Exception as exc:
+                self.finish_error = self.explain(exc) or mask_url(" ".join(f"{type(exc).__name__}: {exc}".split()))
+
+    # -- foreign faults -------------------------------------------------------------------------
+    def explain(self, exc: BaseException) -> str | None:
+        """One line for a fault that is not pgshard's own (faults.py), with this server's facts; None for
+        an ordinary error. A "died" verdict is checked: a server that still answers did not die."""
+        if self.fault is not None and classify(exc) is not None:
+            return self.fault
+        fault = classify(exc)
+        if fault is None or self.server is None:
+            return None
+        if fault.kind == "died" and self._server_answers():
+            return None
+        embedded = self.settings.server == "embedded"
+        cache = self.settings.cache_dir or default_cache_dir()
+        self.fault = advice(fault, user=make_url(self.server.url).username or "?", server=mask_url(self.server.url),
+                            cache_dir=str(cache) if embedded else None, log=self._server_log())
+        return self.fault
+
+    def _server_answers(self) -> bool:
+        assert self.server is not None
+        try:
+            connect(self.server.url, timeout=3).close()
+        except Exception:
+            return False
+        return True
+
+    def _server_log(self) -> str | None:
+        if self.settings.server != "embedded":
+            return None
+        try:
+            from pgshard.server.embedded import EmbeddedServer
+
+            return str(EmbeddedServer(self.settings.pg_bin, self.settings.cache_dir).logfile)
+        except Exception:
+            return None
 
     # -- reporting --------------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
@@ -208,6 +260,8 @@ class Run:
             if times.commit_waits:
                 out["commit_wait_ms"] = statistics.median(times.commit_waits) * 1000
         out["kept"] = [db.masked_url for db in self.kept]
+        if self.finish_error:
+            out["finish_error"] = self.finish_error
         out["shard_emptied"] = self.shard_emptied
         out["notes"] = self.notes
         return out
@@ -219,7 +273,7 @@ def _server_line(server: ServerInfo, seconds: float | None) -> str:
 
 
 def summary_lines(server: ServerInfo | None, stats: list[dict[str, Any]], stale: list[str],
-                  server_seconds: float | None) -> list[str]:
+                  server_seconds: float | None, commit_tests: int = 0) -> list[str]:
     """The terminal summary: server, template hit or miss, clone time per worker."""
     lines: list[str] = []
     if server is not None:
@@ -240,10 +294,15 @@ def summary_lines(server: ServerInfo | None, stats: list[dict[str, Any]], stale:
               if "clone_ms" in s]
     if clones:
         lines.append("clone per worker: " + ", ".join(clones))
-    commits = sum(int(s.get("commit_clones", 0)) for s in stats)
+    commits = max(sum(int(s.get("commit_clones", 0)) for s in stats), commit_tests)
     if commits:
         waits = [float(s["commit_wait_ms"]) for s in stats if "commit_wait_ms" in s]
-        lines.append(f"db_commit clones: {commits}, median wait {statistics.median(waits):.1f} ms")
+        wait = f"{statistics.median(waits):.1f} ms" if waits else "not reported"
+        lines.append(f"db_commit clones: {commits}, median wait {wait}")
+    errors = sorted({str(s["finish_error"]) for s in stats if s.get("finish_error")})
+    for error in errors:  # the cause only: a foreign fault's whole line was shown with the failing test
+        lines.append(f"could not drop this run's clones ({error.removeprefix('pgshard: ').split(' (')[0]}); "
+                     "the next run or `pgshard clean` drops them")
     lines += dict.fromkeys(note for s in stats for note in s.get("notes", []))  # once, not once per worker
     kept = [url for s in stats for url in s.get("kept", [])]
     if kept:

@@ -22,7 +22,7 @@ from sqlalchemy.engine import make_url
 from pgshard import redirect
 from pgshard.admin import Admin, Marker
 from pgshard.build import BuildDatabases, apply_steps, build_name
-from pgshard.migrate import MigrationError, Migrator
+from pgshard.migrate import MigrationError, Migrator, _sha
 from pgshard.server.base import ServerError, ServerInfo
 from pgshard.settings import env_assignments, placeholders
 from pgshard.version import __version__
@@ -41,6 +41,19 @@ def database_url(server_url: str, name: str) -> str:
     return make_url(server_url).set(database=name).render_as_string(hide_password=False)
 
 
+def swap_lock(template: str) -> str:
+    """The advisory-lock key guarding a template's name: every clone holds it shared while it copies,
+    a rebuild holds it exclusively for the moment it drops the old template and renames the new one, so
+    a live run never finds the name missing (and never copies a template being dropped)."""
+    return f"swap:{template}"
+
+
+def project_key(rootdir: Path) -> str:
+    """Which project built a template (its rootdir, hashed): pgshard_keep_templates counts per project,
+    so two projects sharing one server do not evict each other's templates."""
+    return _sha(str(rootdir.resolve()))[:12]
+
+
 class Template:
     def __init__(
         self,
@@ -54,6 +67,7 @@ class Template:
         keep: int = 3,
         env_lines: Sequence[str] = (),
         inputs: Sequence[str] = (),
+        project: str = "",
     ) -> None:
         self.admin = admin
         self.server = server
@@ -64,6 +78,7 @@ class Template:
         self.keep = keep
         self.env_lines = tuple(env_lines)
         self.inputs = tuple(inputs)  # more fingerprint parts: hashes of files the steps read (pgshard_fingerprint)
+        self.project = project
         self._fingerprint: str | None = None
 
     def fingerprint(self) -> str:
@@ -101,12 +116,16 @@ class Template:
     def ensure(self) -> TemplateResult:
         name = self.name
         started = time.perf_counter()
-        lock = FileLock(str(self._lock_path()), timeout=1800)
         try:
+            lock = FileLock(str(self._lock_path()), timeout=1800)
             lock.acquire()
         except Timeout:
             raise ServerError(f"waited 30 min for another process building {name} ({lock.lock_file}); "
                               "if none runs, delete that file") from None
+        except OSError as exc:  # the lock path is a directory, its parent a file, a read-only filesystem
+            raise ServerError(f"cannot take the template lock {exc.filename or self.lock_dir}: "
+                              f"{exc.strerror or exc}; remove it or set pgshard_cache_dir (PGSHARD_CACHE_DIR)"
+                              ) from None
         try:
             with self.admin.advisory_lock(name):
                 waited = time.perf_counter() - started
@@ -160,19 +179,24 @@ class Template:
             self.admin.drop(build, force=True)
             raise
         self.admin.terminate(build)  # engines the migrations left open would block every clone
-        if self.admin.exists(name):
-            self.admin.drop(name, force=True)
-        self.admin.rename(build, name)
-        self.admin.mark(name, Marker("template", self.run_id, fingerprint=self.fingerprint()))
-        self.admin.seal(name)
+        with self.admin.advisory_lock(swap_lock(name)):  # --pg-rebuild: live runs wait a moment, never fail
+            if self.admin.exists(name):
+                self.admin.drop(name, force=True)
+            self.admin.rename(build, name)
+            self.admin.mark(name, Marker("template", self.run_id, fingerprint=self.fingerprint(),
+                                         project=self.project))
+            self.admin.seal(name)
 
     def collect_garbage(self) -> list[str]:
-        """Drop templates of older fingerprints beyond the newest ``keep``; returns what was dropped."""
+        """Drop this project's templates of older fingerprints beyond the newest ``keep`` (other projects'
+        templates are theirs to count; unattributed ones, from an older pgshard, count for everyone);
+        returns what was dropped."""
         everything = self.admin.databases()
         in_use = {d.marker.fingerprint for d in everything  # live runs still clone from these
                   if d.marker is not None and d.marker.kind in ("clone", "build") and d.marker.fingerprint}
         others = [d for d in everything if d.name.startswith(f"{self.admin.prefix}_tpl_") and d.name != self.name
-                  and d.marker is not None and d.marker.kind == "template" and d.marker.fingerprint not in in_use]
+                  and d.marker is not None and d.marker.kind == "template" and d.marker.fingerprint not in in_use
+                  and d.marker.project in (self.project, "")]
         others.sort(key=lambda d: d.marker.started if d.marker else 0.0, reverse=True)
         dropped = []
         for old in others[self.keep:]:

@@ -83,7 +83,7 @@ class SharedDb:
     def prepare_shared(self, url: str) -> None:
         """What the project's README asks of a developer: migrate and seed the one shared database."""
         env = {**os.environ, "DATABASE_URL": url, "PYTHONPATH": str(self.root)}
-        for command in (["alembic", "upgrade", "head"], [sys.executable, "scripts/seed.py"]):
+        for command in ([sys.executable, "-m", "alembic", "upgrade", "head"], [sys.executable, "scripts/seed.py"]):
             subprocess.run(command, cwd=self.root, env=env, check=True, capture_output=True)
 
 

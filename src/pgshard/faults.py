@@ -1,0 +1,97 @@
+"""Errors that are not pgshard's own but that every test of a run would hit the same way: a role without
+CREATEDB, a full disk, a server that died, no free connection slot.
+
+Shown raw, each one is a traceback per test (thousands of lines for one cause). ``classify`` recognises
+them from the exception chain (SQLSTATE when the driver has one, else the server's words: libpq reports
+connection-time refusals as text only) so the plugin can print one line saying what to do, and stop.
+Pure logic: no connection, no pytest; ``Run.explain`` adds the server's facts to the line.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from pgshard.settings import mask_url
+
+# kind -> (SQLSTATEs, lower-case phrases of the server or libpq)
+_RULES: tuple[tuple[str, frozenset[str], tuple[str, ...]], ...] = (
+    ("privilege", frozenset({"42501"}), ("permission denied to create database",)),
+    ("disk", frozenset({"53100"}), ("no space left on device", "could not extend file", "check free disk space")),
+    ("connections", frozenset({"53300"}), ("too many clients already", "remaining connection slots are reserved",
+                                          "too many connections for role")),
+    ("died", frozenset({"57P01", "57P02", "57P03"}), (
+        "connection refused", "server closed the connection unexpectedly", "the database system is shutting down",
+        "the database system is in recovery mode", "terminating connection due to", "is the server running",
+        "no such file or directory\n\tis the server", "consuming input failed", "the connection is closed",
+        "connection was closed in the middle of operation")),
+)
+# Exceptions from these packages speak for the database; another library's "connection refused" does not.
+_DATABASE_MODULES = ("psycopg", "psycopg2", "asyncpg", "sqlalchemy", "pgshard")
+_WRAPPER = re.compile(r"^\([\w.]+\) ")
+
+
+@dataclass(frozen=True)
+class Fault:
+    kind: str  # privilege, disk, connections, died
+    detail: str  # the database's own words, one line, masked
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        current = todo.pop(0)
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        orig = getattr(current, "orig", None)  # SQLAlchemy's DBAPIError wraps the driver's error
+        todo += [orig if isinstance(orig, BaseException) else None, current.__cause__, current.__context__]
+
+
+def _speaks_for_database(exc: BaseException) -> bool:
+    module = type(exc).__module__.split(".")[0]
+    return module in _DATABASE_MODULES or isinstance(exc, ConnectionRefusedError)
+
+
+def _detail(exc: BaseException, phrase: str | None) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if phrase is not None:
+        lines = [line for line in lines if phrase in line.lower()] or lines
+    text = lines[0] if lines else type(exc).__name__
+    text = mask_url(" ".join(_WRAPPER.sub("", text).split()))  # SQLAlchemy's "(psycopg.OperationalError) "
+    return text if len(text) <= 200 else text[:200] + " ..."
+
+
+def classify(exc: BaseException) -> Fault | None:
+    """The foreign fault behind ``exc`` (anywhere in its chain), or None for an ordinary error."""
+    for current in _chain(exc):
+        if not _speaks_for_database(current) or isinstance(getattr(current, "orig", None), BaseException):
+            continue  # a SQLAlchemy wrapper: its driver error (next in the chain) is judged instead
+        sqlstate = getattr(current, "sqlstate", None) or getattr(current, "pgcode", None)
+        text = str(current).lower()
+        for kind, states, phrases in _RULES:
+            if sqlstate in states:
+                return Fault(kind, _detail(current, None))
+            for phrase in phrases:
+                if phrase in text:
+                    return Fault(kind, _detail(current, phrase.split("\n")[0]))
+    return None
+
+
+def advice(fault: Fault, *, user: str, server: str, cache_dir: str | None, log: str | None) -> str:
+    """The one line for a fault: its cause in the database's words, and what to do."""
+    if fault.kind == "privilege":
+        return (f"pgshard: the role {user} may not create databases on {server} ({fault.detail}): the role needs "
+                f"CREATEDB (ALTER ROLE {user} CREATEDB), or give --pg-url a role that has it")
+    if fault.kind == "disk":
+        where = (f"free space in the cache dir {cache_dir} or set pgshard_cache_dir (PGSHARD_CACHE_DIR)"
+                 if cache_dir else f"free space on the disk of the server at {server}")
+        return f"pgshard: the server's disk is full ({fault.detail}): {where}"
+    if fault.kind == "connections":
+        return (f"pgshard: PostgreSQL at {server} has no free connection slot ({fault.detail}): lower -n or raise "
+                "max_connections on the server")
+    where = f"see its log at {log}" if log else f"check the server at {server}"
+    return f"pgshard: the server died mid-run ({fault.detail}); {where}"
