@@ -123,10 +123,17 @@ def test_an_engine_to_another_database_name_is_untouched(admin: Admin, pg_server
 
 def test_a_followed_engine_connects_to_the_current_target(admin: Admin, pg_server: ServerInfo, target: str) -> None:
     other = _ours(admin, "elsewhere")
-    engine = create_engine(database_url(pg_server.url, other), poolclass=NullPool)
-    redirect.follow(engine)
-    with engine.connect() as conn:
-        assert conn.scalar(text("SELECT current_database()")) == target
+    engine = create_engine(database_url(pg_server.url, other), pool_size=1)
+    try:
+        with engine.connect() as conn:  # pooled before it was followed
+            assert conn.scalar(text("SELECT current_database()")) == other
+        redirect.follow(engine)
+        for _ in range(2):
+            with engine.connect() as conn:
+                assert conn.scalar(text("SELECT current_database()")) == target
+        assert _sessions_on(admin, other) == 0
+    finally:
+        engine.dispose()
 
 
 def _sessions_on(admin: Admin, name: str) -> int:

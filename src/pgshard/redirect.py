@@ -102,7 +102,12 @@ def follow(engine: Any) -> None:
         raise TypeError(f"pgshard can only follow a SQLAlchemy Engine or AsyncEngine, got {type(engine).__name__}")
     with _state.lock:
         _listen(statements=_state.statements)
+        if sync_engine.dialect in _state.followed:
+            return
         _state.followed.add(sync_engine.dialect)  # one dialect object per engine: it is what do_connect sees
+        # Its pool may already hold connections made before it was followed (unstamped): on this pool, a
+        # connection not made for the current target is never handed out.
+        event.listen(sync_engine, "checkout", _on_followed_checkout)
 
 
 @contextlib.contextmanager
@@ -231,6 +236,11 @@ def _on_checkout(dbapi_connection: Any, record: ConnectionPoolEntry, proxy: Any)
     made_for = record.info.get(_GENERATION)
     if made_for is not None and made_for != _state.generation:
         raise exc.DisconnectionError("pgshard: this pooled connection was made for an earlier target database")
+
+
+def _on_followed_checkout(dbapi_connection: Any, record: ConnectionPoolEntry, proxy: Any) -> None:
+    if _state.target is not None and record.info.get(_GENERATION) != _state.generation:
+        raise exc.DisconnectionError("pgshard: this pooled connection was not made for the current target")
 
 
 def _on_checkin(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:

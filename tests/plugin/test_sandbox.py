@@ -200,7 +200,7 @@ def test_db_commit_gets_a_fresh_clone_with_real_commits(app_project: pytest.Pyte
                 with app.SessionLocal() as session:
                     session.add(app.Thing(name=f"t{i}"))
                     session.commit()
-                    return session.get_bind().url.database
+                    return session.scalar(text("SELECT current_database()"))  # the app's engine, on the clone
             with ThreadPoolExecutor(max_workers=10) as pool:
                 assert set(pool.map(write, range(10))) == {commit_db.name}
             assert client.post("/things/web").json() == {"count": 11}
