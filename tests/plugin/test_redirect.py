@@ -221,3 +221,15 @@ def test_db_commit_app_engine_writes_to_the_tests_own_clone_and_the_worker_datab
     for args in ((), ("-n", "2", "--dist", "loadfile")):
         result = pytester.runpytest_subprocess("-p", "no:randomly", "-p", "no:cacheprovider", *args)
         result.assert_outcomes(passed=3)
+
+
+@pytest.mark.parametrize("name", ["postgres", "pgshard_mine"])
+def test_redirecting_a_maintenance_or_pgshard_database_is_refused_in_one_line(
+        pytester: pytest.Pytester, name: str) -> None:
+    pytester.makepyfile(test_one="def test_one():\n    pass\n")
+    pytester.makeini(f"[pytest]\npgshard_redirect = {name}\n")
+    result = pytester.runpytest_subprocess("-p", "no:randomly", "-p", "no:cacheprovider")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    text = result.stdout.str() + result.stderr.str()
+    assert "Traceback" not in text
+    assert [line for line in text.splitlines() if "pgshard:" in line and "pgshard_redirect" in line and name in line]
