@@ -214,6 +214,19 @@ def test_a_database_pgshard_did_not_create_is_never_dropped(
         admin.conn.execute(f'DROP DATABASE "{foreign}"')
 
 
+def test_a_real_database_of_the_redirected_name_is_never_touched(
+        admin: Admin, pg_server: ServerInfo, target: str, app_name: str) -> None:
+    admin.conn.execute(f'CREATE DATABASE "{app_name}"')  # the user's own database of that name, on a server
+    try:
+        # a maintenance connection that is not redirected (pgshard's server is no URL of the app's)
+        with create_engine(pg_server.url, isolation_level="AUTOCOMMIT", poolclass=NullPool).connect() as conn:
+            conn.execute(text(f"DROP DATABASE {app_name}"))
+            assert conn.scalar(text("SELECT current_database()")) == "postgres"
+        assert admin.exists(app_name) and not admin.exists(target)
+    finally:
+        admin.conn.execute(f'DROP DATABASE "{app_name}"')
+
+
 def test_pgshards_own_connections_are_never_rewritten(admin: Admin, pg_server: ServerInfo, target: str) -> None:
     with psycopg.connect(make_url(pg_server.url).set(drivername="postgresql").render_as_string(False)) as conn:
         assert conn.execute("SELECT current_database()").fetchone() == ("postgres",)

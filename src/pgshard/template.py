@@ -19,6 +19,7 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 from sqlalchemy.engine import make_url
 
+from pgshard import redirect
 from pgshard.admin import Admin, Marker
 from pgshard.build import apply_steps
 from pgshard.migrate import MigrationError, Migrator
@@ -151,7 +152,9 @@ class Template:
         self.admin.create(build, Marker("build", self.run_id, fingerprint=self.fingerprint()), template="template0")
         url = database_url(self.server.url, build)
         try:
-            apply_steps(self.migrators, url, env_assignments(self.env_lines, placeholders(url)))
+            # in-process steps that use the app's own (redirected or followed) engines build the template too
+            with redirect.retarget(url):
+                apply_steps(self.migrators, url, env_assignments(self.env_lines, placeholders(url)))
         except BaseException:
             self.admin.drop(build, force=True)
             raise

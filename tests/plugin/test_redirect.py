@@ -153,6 +153,11 @@ class Thing(Base):
     __tablename__ = "thing"
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = mapped_column(String(50))
+
+
+def build(url):  # a template step that ignores the URL it is given and uses the app's own engine
+    Base.metadata.create_all(engine)
+    engine.dispose()
 '''
 
 COMMIT_TESTS = '''
@@ -210,13 +215,12 @@ def test_3_after(pg_database):
 def test_db_commit_app_engine_writes_to_the_tests_own_clone_and_the_worker_database_is_unchanged(
         pytester: pytest.Pytester, how: str) -> None:
     pytester.makepyfile(app=COMMIT_APP, test_commit=COMMIT_TESTS)
-    wiring = ("pgshard_redirect = app_test" if how == "redirect" else
-              "pgshard_env = DATABASE_URL={url}\npgshard_engine = app:async_engine\n"
-              "pgshard_sessionmaker = app:SessionLocal")  # the engine behind the sessionmaker, and another
+    wiring = ("pgshard_redirect = app_test\npgshard_migrate = python:app:build" if how == "redirect" else
+              "pgshard_migrate = metadata:app:Base\npgshard_env = DATABASE_URL={url}\n"
+              "pgshard_engine = app:async_engine\npgshard_sessionmaker = app:SessionLocal")
     pytester.makeini(textwrap.dedent("""
         [pytest]
         pythonpath = .
-        pgshard_migrate = metadata:app:Base
         """) + wiring + "\n")
     for args in ((), ("-n", "2", "--dist", "loadfile")):
         result = pytester.runpytest_subprocess("-p", "no:randomly", "-p", "no:cacheprovider", *args)
