@@ -15,14 +15,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from pgshard.admin import Admin
+from pgshard.admin import Admin, Marker
 from pgshard.clones import Clones, CloneTimes, Database, drop_stale, worker_database_name
 from pgshard.host import default_cache_dir
 from pgshard.migrate import blind_commands, hash_globs, parse_migrators
 from pgshard.server import ServerLease, acquire
-from pgshard.server.base import ServerInfo
+from pgshard.server.base import ServerError, ServerInfo
 from pgshard.settings import Settings, env_assignments, mask_url, placeholders
-from pgshard.template import Template, TemplateResult, database_url
+from pgshard.template import Template, TemplateResult, build_fingerprint, database_url
 
 HANDOFF = "PGSHARD_HANDOFF"  # controller -> xdist workers: the server and the run id
 
@@ -142,7 +142,16 @@ class Run:
 
     # -- the app's CREATE/DROP DATABASE of a redirected name (redirect.DatabaseLifecycle) ---------------
     def create_database(self, name: str) -> bool:
-        """A fresh clone of the template (empty without pgshard_migrate) under this worker's name ``name``."""
+        """A fresh clone of the template (empty without pgshard_migrate) under this worker's name ``name``;
+        during a template build (a step re-creating the app's database), the build database afresh."""
+        fingerprint = build_fingerprint(name, self.settings.prefix)
+        if fingerprint is not None:
+            with Admin(self.start_server().url, self.settings.prefix) as admin:
+                if admin.exists(name):
+                    return False
+                admin.create(name, Marker("build", self.run_id, fingerprint=fingerprint), template="template0")
+            return True
+        self._check_ours(name)
         if self.database is None and name == self.database_name:
             self.worker_database()
             return True
@@ -151,7 +160,11 @@ class Run:
         return self.clones.recreate(name)
 
     def drop_database(self, name: str) -> bool:
-        """Drop this worker's database ``name``; False when it does not exist (never made yet, or dropped)."""
+        """Drop this worker's database ``name`` (or the template being built); False when it does not exist."""
+        if build_fingerprint(name, self.settings.prefix) is not None:
+            with Admin(self.start_server().url, self.settings.prefix) as admin:
+                return admin.drop(name, force=True)
+        self._check_ours(name)
         if self.clones is None:  # dropped by pgshard already when the app's own teardown comes after ours
             return name in self.finished
         return self.clones.drop(name)
@@ -169,6 +182,10 @@ class Run:
         if self.wants_commit_pool and self.clones is not None:
             self.clones.start_pool()
         return database
+
+    def _check_ours(self, name: str) -> None:
+        if name != self.database_name and not name.startswith(self.database_name + "_t"):
+            raise ServerError(f"pgshard acts only on this worker's databases ({self.database_name}...), not {name}")
 
     def finish(self) -> None:
         """Drop this worker's clones (or keep them, with --pg-keep)."""

@@ -41,6 +41,19 @@ def database_url(server_url: str, name: str) -> str:
     return make_url(server_url).set(database=name).render_as_string(hide_password=False)
 
 
+def build_name(template: str) -> str:
+    """Where a template is built before it is renamed and sealed."""
+    return f"{template}_build"
+
+
+def build_fingerprint(name: str, prefix: str) -> str | None:
+    """The fingerprint of the template being built under ``name``; None when ``name`` is no build database."""
+    head, tail = f"{prefix}_tpl_", build_name("")
+    if name.startswith(head) and name.endswith(tail) and len(name) > len(head) + len(tail):
+        return name[len(head):-len(tail)]
+    return None
+
+
 class Template:
     def __init__(
         self,
@@ -146,7 +159,7 @@ class Template:
         return error
 
     def _build(self, name: str) -> None:
-        build = f"{name}_build"
+        build = build_name(name)
         if self.admin.exists(build):  # a build that crashed half-way: ours, never used, start over
             self.admin.drop(build, force=True)
         self.admin.create(build, Marker("build", self.run_id, fingerprint=self.fingerprint()), template="template0")

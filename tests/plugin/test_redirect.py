@@ -155,7 +155,12 @@ class Thing(Base):
     name: Mapped[str] = mapped_column(String(50))
 
 
-def build(url):  # a template step that ignores the URL it is given and uses the app's own engine
+def build(url):  # a template step that ignores the URL it is given: the app's own reset, on its own engine
+    from sqlalchemy_utils import create_database, database_exists, drop_database
+
+    if database_exists(engine.url):
+        drop_database(engine.url)
+    create_database(engine.url)
     Base.metadata.create_all(engine)
     engine.dispose()
 '''
