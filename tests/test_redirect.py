@@ -5,12 +5,13 @@ move with a db_commit clone, and the app's own CREATE/DROP DATABASE act on the t
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import Iterator
 
 import psycopg
 import pytest
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, OperationalError, ProgrammingError
 from sqlalchemy.ext.asyncio import create_async_engine
@@ -103,6 +104,19 @@ def test_engines_on_every_driver_land_on_the_target_whatever_their_url_says(
         assert _current(url) == target
 
 
+def test_the_apps_own_do_connect_listeners_still_run_on_a_redirected_connection(
+        target: str, app_name: str) -> None:
+    engine = create_engine(f"postgresql+psycopg2://{NOWHERE}/{app_name}", poolclass=NullPool)
+
+    @event.listens_for(engine, "do_connect")
+    def name_the_app(dialect: object, record: object, cargs: object, cparams: dict[str, str]) -> None:
+        cparams["application_name"] = "the-app"
+
+    with engine.connect() as conn:
+        assert conn.scalar(text("SELECT current_database()")) == target
+        assert conn.scalar(text("SHOW application_name")) == "the-app"
+
+
 def test_an_engine_built_before_install_is_redirected(admin: Admin, pg_server: ServerInfo, app_name: str) -> None:
     built_at_import = create_engine(f"postgresql+psycopg2://{NOWHERE}/{app_name}", poolclass=NullPool)
     name = _ours(admin, "late")
@@ -137,9 +151,14 @@ def test_a_followed_engine_connects_to_the_current_target(admin: Admin, pg_serve
 
 
 def _sessions_on(admin: Admin, name: str) -> int:
-    row = admin.conn.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = %s", (name,)).fetchone()
-    assert row is not None
-    return int(row[0])
+    """Sessions left on a database, once closed ones had time to end (a backend exits just after its client)."""
+    deadline = time.monotonic() + 30
+    while True:
+        row = admin.conn.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = %s", (name,)).fetchone()
+        assert row is not None
+        if int(row[0]) == 0 or time.monotonic() > deadline:
+            return int(row[0])
+        time.sleep(0.05)
 
 
 def test_retarget_moves_engines_and_leaves_no_pooled_connection_behind(

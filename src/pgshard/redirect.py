@@ -7,7 +7,8 @@ classes (so engines built before or after, sync or the ``sync_engine`` of an asy
 
 - ``do_connect`` (Engine): a connection whose parameters name a redirected database - or a maintenance
   database (``postgres``, ``template1``) on a server a redirected URL names, as sqlalchemy-utils uses -
-  gets pgshard's host, port, credentials and database instead. The final connect parameters are what we
+  connects with pgshard's host, port, credentials and database instead (on a copy of the parameters;
+  the app's own do_connect listeners still run after ours). The final connect parameters are what we
   look at, so neither the URL's spelling nor the driver (psycopg, psycopg2: ``dbname``; asyncpg, pg8000:
   ``database``) can hide the name.
 - ``before_cursor_execute`` (Engine, retval): ``CREATE/DROP DATABASE <redirected name>`` becomes an action
@@ -196,14 +197,15 @@ def _known_servers() -> set[tuple[str, int]]:
 
 
 def _on_connect(dialect: Any, record: ConnectionPoolEntry | None, cargs: list[Any],
-                cparams: dict[str, Any]) -> None:
-    """Rewrite the connect parameters of a redirected or followed connection (then let the dialect connect)."""
+                cparams: dict[str, Any]) -> Any:
+    """Connect a redirected or followed connection with rewritten parameters; None: not ours, SQLAlchemy
+    connects as usual."""
     target = _state.target
     if record is not None:
         record.info.pop(_GENERATION, None)
         record.info.pop(_REDIRECTED, None)
     if target is None or dialect.name != "postgresql":
-        return
+        return None
     key = _database_key(dialect, cparams)
     asked = cparams.get(key)
     if dialect in _state.followed or asked in _state.names:
@@ -215,20 +217,34 @@ def _on_connect(dialect: Any, record: ConnectionPoolEntry | None, cargs: list[An
           and _endpoint(cparams) in _known_servers()):
         database, generation = "postgres", None  # the app's maintenance connection: our server's postgres
     else:
-        return
+        return None
+    params = dict(cparams)  # never the dict itself: SQLAlchemy 2.0 hands the same one to every connect
     for name in _ROUTING_KEYS:
-        cparams.pop(name, None)
-    cparams.pop("dbname" if key == "database" else "database", None)
+        params.pop(name, None)
+    params.pop("dbname" if key == "database" else "database", None)
     host, port = _url_endpoint(target)
-    cparams.update({"host": host, "port": port, key: database})
+    params.update({"host": host, "port": port, key: database})
     if target.username is not None:
-        cparams["user"] = target.username
+        params["user"] = target.username
     if target.password is not None:
-        cparams["password"] = str(target.password)
+        params["password"] = str(target.password)
     if record is not None:
         record.info[_REDIRECTED] = True
         if generation is not None:
             record.info[_GENERATION] = generation
+    return _connect(dialect, record, list(cargs), params)
+
+
+def _connect(dialect: Any, record: ConnectionPoolEntry | None, cargs: list[Any], params: dict[str, Any]) -> Any:
+    """Connect with our copy of the parameters the way SQLAlchemy would: the app's own do_connect
+    listeners (registered on its engine, so after ours) still run, on the copy, then the dialect."""
+    listeners = list(dialect.dispatch.do_connect)
+    ours = next((i for i, fn in enumerate(listeners) if getattr(fn, "__wrapped__", fn) is _on_connect), -1)
+    for fn in listeners[ours + 1:]:
+        connection = fn(dialect, record, cargs, params)
+        if connection is not None:
+            return connection
+    return dialect.connect(*cargs, **params)
 
 
 def _on_checkout(dbapi_connection: Any, record: ConnectionPoolEntry, proxy: Any) -> None:
