@@ -181,6 +181,32 @@ def test_retarget_moves_engines_and_leaves_no_pooled_connection_behind(
         engine.dispose()
 
 
+@pytest.mark.parametrize("driver", ["asyncpg", "psycopg_async"])
+def test_retarget_moves_async_engines_and_never_hands_out_a_stale_connection(
+        driver: str, admin: Admin, pg_server: ServerInfo, target: str, app_name: str) -> None:
+    clone = _ours(admin, "t1")
+
+    async def main() -> list[str]:
+        engine = create_async_engine(f"postgresql+{driver}://{NOWHERE}/{app_name}", pool_size=2)
+
+        async def current() -> str:
+            async with engine.connect() as conn:
+                return str(await conn.scalar(text("SELECT current_database()")))
+
+        try:
+            seen = [await current()]
+            with redirect.retarget(database_url(pg_server.url, clone)):
+                seen.append(await current())
+            if driver == "asyncpg":  # closed at once (a non-blocking terminate); psycopg's at the next checkout
+                assert _sessions_on(admin, clone) == 0
+            seen.append(await current())
+        finally:
+            await engine.dispose()
+        return seen
+
+    assert asyncio.run(main()) == [target, clone, target]
+
+
 def test_sqlalchemy_utils_create_drop_and_exists_act_on_the_target_only(
         admin: Admin, target: str, app_name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     url = f"postgresql+psycopg2://{NOWHERE}/{app_name}"
