@@ -246,3 +246,19 @@ def test_redirecting_a_maintenance_or_pgshard_database_is_refused_in_one_line(
     text = result.stdout.str() + result.stderr.str()
     assert "Traceback" not in text
     assert [line for line in text.splitlines() if "pgshard:" in line and "pgshard_redirect" in line and name in line]
+
+
+def test_pgshard_engine_that_is_no_engine_fails_the_test_in_one_line(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(app="NOT_AN_ENGINE = 42\n", test_one=textwrap.dedent('''
+        import pytest
+
+        @pytest.mark.db_commit
+        def test_one(commit_db):
+            pass
+    '''))
+    pytester.makeini("[pytest]\npythonpath = .\npgshard_engine = app:NOT_AN_ENGINE\n")
+    result = pytester.runpytest_subprocess("-p", "no:randomly", "-p", "no:cacheprovider")
+    result.assert_outcomes(errors=1)
+    text = result.stdout.str()
+    assert "Traceback" not in text
+    result.stdout.fnmatch_lines(["*pgshard: pgshard_engine must name a SQLAlchemy Engine or AsyncEngine, got int*"])
