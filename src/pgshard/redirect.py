@@ -248,7 +248,9 @@ def _connect(dialect: Any, record: ConnectionPoolEntry | None, cargs: list[Any],
 
 
 def _on_checkout(dbapi_connection: Any, record: ConnectionPoolEntry, proxy: Any) -> None:
-    _state.idle.discard(record)
+    if _GENERATION in record.info:
+        with _state.lock:  # threads of the app check connections in and out while a target changes
+            _state.idle.discard(record)
     made_for = record.info.get(_GENERATION)
     if made_for is not None and made_for != _state.generation:
         raise exc.DisconnectionError("pgshard: this pooled connection was made for an earlier target database")
@@ -261,7 +263,8 @@ def _on_followed_checkout(dbapi_connection: Any, record: ConnectionPoolEntry, pr
 
 def _on_checkin(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
     if dbapi_connection is not None and _GENERATION in record.info:
-        _state.idle.add(record)
+        with _state.lock:
+            _state.idle.add(record)
 
 
 def _closable_now(dbapi_connection: Any) -> bool:
@@ -272,11 +275,10 @@ def _closable_now(dbapi_connection: Any) -> bool:
 
 def _release_idle() -> None:
     """Close idle pooled connections made for an earlier target, so none lingers on a clone being dropped."""
-    for record in list(_state.idle):
-        made_for = record.info.get(_GENERATION)
-        if made_for is None or made_for == _state.generation:
-            continue
-        _state.idle.discard(record)
+    with _state.lock:
+        stale = [record for record in _state.idle if record.info.get(_GENERATION) != _state.generation]
+        _state.idle.difference_update(stale)
+    for record in stale:
         if record.dbapi_connection is not None and _closable_now(record.dbapi_connection):
             with contextlib.suppress(Exception):
                 record.invalidate()
