@@ -150,6 +150,25 @@ def test_a_followed_engine_connects_to_the_current_target(admin: Admin, pg_serve
         engine.dispose()
 
 
+def test_an_engine_no_longer_followed_connects_by_its_own_url_again(
+        admin: Admin, pg_server: ServerInfo, app_name: str) -> None:
+    own, worker = _ours(admin, "own"), _ours(admin, "w")
+    engine = create_engine(database_url(pg_server.url, own), pool_size=1)
+    redirect.install([app_name], database_url(pg_server.url, worker))
+    try:
+        redirect.follow(engine)
+        with engine.connect() as conn:
+            assert conn.scalar(text("SELECT current_database()")) == worker
+        redirect.reset()
+        redirect.install([app_name], database_url(pg_server.url, worker))
+        for _ in range(2):
+            with engine.connect() as conn:
+                assert conn.scalar(text("SELECT current_database()")) == own
+    finally:
+        redirect.reset()
+        engine.dispose()
+
+
 def _sessions_on(admin: Admin, name: str) -> int:
     """Sessions left on a database, once closed ones had time to end (a backend exits just after its client)."""
     deadline = time.monotonic() + 30

@@ -31,7 +31,7 @@ import os
 import re
 import threading
 import weakref
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -108,7 +108,7 @@ def follow(engine: Any) -> None:
         _state.followed.add(sync_engine.dialect)  # one dialect object per engine: it is what do_connect sees
         # Its pool may already hold connections made before it was followed (unstamped): on this pool, a
         # connection not made for the current target is never handed out.
-        event.listen(sync_engine, "checkout", _on_followed_checkout)
+        event.listen(sync_engine, "checkout", _followed_checkout(sync_engine.dialect))
 
 
 @contextlib.contextmanager
@@ -256,9 +256,16 @@ def _on_checkout(dbapi_connection: Any, record: ConnectionPoolEntry, proxy: Any)
         raise exc.DisconnectionError("pgshard: this pooled connection was made for an earlier target database")
 
 
-def _on_followed_checkout(dbapi_connection: Any, record: ConnectionPoolEntry, proxy: Any) -> None:
-    if _state.target is not None and record.info.get(_GENERATION) != _state.generation:
-        raise exc.DisconnectionError("pgshard: this pooled connection was not made for the current target")
+def _followed_checkout(dialect: Any) -> Callable[[Any, ConnectionPoolEntry, Any], None]:
+    """A checkout listener for one followed engine's pool (only while it is followed: see reset())."""
+    followed = weakref.ref(dialect)
+
+    def on_checkout(dbapi_connection: Any, record: ConnectionPoolEntry, proxy: Any) -> None:
+        if (_state.target is not None and record.info.get(_GENERATION) != _state.generation
+                and followed() in _state.followed):
+            raise exc.DisconnectionError("pgshard: this pooled connection was not made for the current target")
+
+    return on_checkout
 
 
 def _on_checkin(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
