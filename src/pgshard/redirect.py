@@ -33,13 +33,16 @@ import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from sqlalchemy import event, exc
 from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.pool import ConnectionPoolEntry, Pool
 
 from pgshard.settings import mask_url
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncEngine
 
 __all__ = ["MAINTENANCE_DATABASES", "DatabaseLifecycle", "follow", "handle_ddl", "install", "reset", "retarget"]
 
@@ -95,7 +98,7 @@ def install(names: Iterable[str], target_url: str) -> None:
         _release_idle()
 
 
-def follow(engine: Any) -> None:
+def follow(engine: Engine | AsyncEngine) -> None:
     """This engine object (an Engine or an AsyncEngine) connects to the current target whatever its URL
     says: the app's own engine keeps its driver, connect_args and listeners but lands on our database."""
     sync_engine = getattr(engine, "sync_engine", engine)
