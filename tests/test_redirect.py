@@ -20,7 +20,9 @@ from sqlalchemy_utils import create_database, database_exists, drop_database
 
 from pgshard import redirect
 from pgshard.admin import Admin, Marker
-from pgshard.server.base import ServerInfo
+from pgshard.run import Run
+from pgshard.server.base import ServerError, ServerInfo
+from pgshard.settings import Settings
 from pgshard.template import database_url
 
 NOWHERE = "app:secret@db.example.invalid:5432"  # a host that does not exist: only a redirect can reach a server
@@ -295,3 +297,11 @@ def test_pgshards_own_connections_are_never_rewritten(admin: Admin, pg_server: S
     with psycopg.connect(make_url(pg_server.url).set(drivername="postgresql").render_as_string(False)) as conn:
         assert conn.execute("SELECT current_database()").fetchone() == ("postgres",)
     assert _current(pg_server.url) == "postgres"  # a SQLAlchemy engine on pgshard's own maintenance database
+
+
+@pytest.mark.parametrize("name", ["app_test", "pgshard_0000_gw1", "pgshard_other_gw0", "postgres"])
+def test_the_run_creates_and_drops_only_this_workers_databases(name: str) -> None:
+    run = Run(Settings(), "0000", "gw0")  # no server: a refusal must come before anything is touched
+    for action in (run.create_database, run.drop_database):
+        with pytest.raises(ServerError, match="only on this worker's databases"):
+            action(name)
