@@ -17,6 +17,7 @@ import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 
+from pgshard import redirect
 from pgshard.migrate import (
     AlembicMigrator,
     CommandMigrator,
@@ -99,6 +100,9 @@ def main() -> int:
     os.dup2(2, 1)
     sys.stdout = sys.stderr
     migrators, url = pickle.loads(sys.stdin.buffer.read())
+    from pgshard.template import BuildLifecycle  # here: template.py imports this module
+
+    redirect.from_environment(url, BuildLifecycle(url))  # the app's hard-coded engines build the template too
     with result:
         for migrator in migrators:
             result.write(json.dumps({"spec": migrator.spec}) + "\n")

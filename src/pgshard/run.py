@@ -15,14 +15,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from pgshard.admin import Admin, Marker
+from pgshard.admin import Admin
 from pgshard.clones import Clones, CloneTimes, Database, drop_stale, worker_database_name
 from pgshard.host import default_cache_dir
 from pgshard.migrate import blind_commands, hash_globs, parse_migrators
 from pgshard.server import ServerLease, acquire
 from pgshard.server.base import ServerError, ServerInfo
 from pgshard.settings import Settings, env_assignments, mask_url, placeholders
-from pgshard.template import Template, TemplateResult, build_fingerprint, database_url
+from pgshard.template import BuildLifecycle, Template, TemplateResult, build_fingerprint, database_url
 
 HANDOFF = "PGSHARD_HANDOFF"  # controller -> xdist workers: the server and the run id
 
@@ -144,13 +144,8 @@ class Run:
     def create_database(self, name: str) -> bool:
         """A fresh clone of the template (empty without pgshard_migrate) under this worker's name ``name``;
         during a template build (a step re-creating the app's database), the build database afresh."""
-        fingerprint = build_fingerprint(name, self.settings.prefix)
-        if fingerprint is not None:
-            with Admin(self.start_server().url, self.settings.prefix) as admin:
-                if admin.exists(name):
-                    return False
-                admin.create(name, Marker("build", self.run_id, fingerprint=fingerprint), template="template0")
-            return True
+        if build_fingerprint(name, self.settings.prefix) is not None:
+            return BuildLifecycle(self.database_url(name)).create_database(name)
         self._check_ours(name)
         if self.database is None and name == self.database_name:
             self.worker_database()
@@ -162,8 +157,7 @@ class Run:
     def drop_database(self, name: str) -> bool:
         """Drop this worker's database ``name`` (or the template being built); False when it does not exist."""
         if build_fingerprint(name, self.settings.prefix) is not None:
-            with Admin(self.start_server().url, self.settings.prefix) as admin:
-                return admin.drop(name, force=True)
+            return BuildLifecycle(self.database_url(name)).drop_database(name)
         self._check_ours(name)
         if self.clones is None:  # dropped by pgshard already when the app's own teardown comes after ours
             return name in self.finished

@@ -54,6 +54,39 @@ def build_fingerprint(name: str, prefix: str) -> str | None:
     return None
 
 
+class BuildLifecycle:
+    """While a template is built, the app's CREATE/DROP DATABASE of a redirected name (a step that resets
+    the app's database itself) act on the build database: dropped, then made afresh with its marker."""
+
+    def __init__(self, url: str) -> None:
+        self.name = make_url(url).database or ""
+        self.prefix = self.name.split("_tpl_", 1)[0]
+        self.fingerprint = build_fingerprint(self.name, self.prefix)
+        self.admin_url = database_url(url, "postgres")
+        self.marker: Marker | None = None  # the build's own (its builder's pid keeps it from stale cleanup)
+
+    def _check(self, name: str) -> None:
+        if self.fingerprint is None or name != self.name:
+            raise ServerError(f"while a template is built pgshard acts only on its build database, not {name}")
+
+    def create_database(self, name: str) -> bool:
+        self._check(name)
+        with Admin(self.admin_url, self.prefix) as admin:
+            if admin.exists(name):
+                return False
+            admin.create(name, self.marker or Marker("build", fingerprint=self.fingerprint or ""),
+                         template="template0")
+        return True
+
+    def drop_database(self, name: str) -> bool:
+        self._check(name)
+        with Admin(self.admin_url, self.prefix) as admin:
+            found = admin.info(name)
+            if found is not None and found.marker is not None:
+                self.marker = found.marker
+            return admin.drop(name, force=True)
+
+
 class Template:
     def __init__(
         self,
@@ -166,8 +199,10 @@ class Template:
         url = database_url(self.server.url, build)
         try:
             # in-process steps that use the app's own (redirected or followed) engines build the template too
+            # the build child redirects pgshard_redirect's names to the build database too (redirect.CHILD_NAMES)
             with redirect.retarget(url):
-                apply_steps(self.migrators, url, env_assignments(self.env_lines, placeholders(url)))
+                apply_steps(self.migrators, url,
+                            {**env_assignments(self.env_lines, placeholders(url)), **redirect.child_environment()})
         except BaseException:
             self.admin.drop(build, force=True)
             raise
