@@ -16,10 +16,8 @@ import pickle
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 
 from pgshard import redirect
-from pgshard.admin import Admin, Marker
 from pgshard.migrate import (
     AlembicMigrator,
     CommandMigrator,
@@ -30,7 +28,6 @@ from pgshard.migrate import (
     SqlMigrator,
     interpreter_env,
 )
-from pgshard.server.base import ServerError
 from pgshard.settings import temporary_env
 
 # Steps that run the project's Python: these go to the child. ``sql:`` files touch no Python of the
@@ -38,48 +35,6 @@ from pgshard.settings import temporary_env
 # user built in Python is applied where it was built: none of them needs a child.
 _CHILD_KINDS = (AlembicMigrator, MetadataMigrator, PythonMigrator)
 _TAIL_LINES = 3
-
-
-def build_name(template: str) -> str:
-    """Where a template is built before it is renamed and sealed."""
-    return f"{template}_build"
-
-
-def build_fingerprint(name: str, prefix: str) -> str | None:
-    """The fingerprint of the template being built under ``name``; None when ``name`` is no build database."""
-    head, tail = f"{prefix}_tpl_", build_name("")
-    if name.startswith(head) and name.endswith(tail) and len(name) > len(head) + len(tail):
-        return name[len(head):-len(tail)]
-    return None
-
-
-@dataclass(frozen=True)
-class BuildDatabases:
-    """During a template build, a step's CREATE/DROP DATABASE of a redirected name (pgshard_redirect) acts on
-    the build database and nothing else (redirect.DatabaseLifecycle), in this process or in the child."""
-
-    admin_url: str  # the server's maintenance database
-    prefix: str
-    run_id: str
-
-    def _fingerprint(self, name: str) -> str:
-        fingerprint = build_fingerprint(name, self.prefix)
-        if fingerprint is None:
-            raise ServerError(f"pgshard acts only on the template being built during a build, not on {name}")
-        return fingerprint
-
-    def create_database(self, name: str) -> bool:
-        fingerprint = self._fingerprint(name)
-        with Admin(self.admin_url, self.prefix) as admin:
-            if admin.exists(name):
-                return False
-            admin.create(name, Marker("build", self.run_id, fingerprint=fingerprint), template="template0")
-        return True
-
-    def drop_database(self, name: str) -> bool:
-        self._fingerprint(name)
-        with Admin(self.admin_url, self.prefix) as admin:
-            return admin.drop(name, force=True)
 
 
 def apply_one(migrator: Migrator, url: str) -> None:
@@ -92,15 +47,14 @@ def apply_one(migrator: Migrator, url: str) -> None:
         raise MigrationError(migrator.spec, exc) from exc
 
 
-def apply_steps(migrators: Sequence[Migrator], url: str, env: Mapping[str, str],
-                databases: BuildDatabases | None = None) -> None:
+def apply_steps(migrators: Sequence[Migrator], url: str, env: Mapping[str, str]) -> None:
     """Apply every step in order to the database at ``url``, with ``env`` (pgshard_env for it) set.
     Consecutive steps that include a Python one run together in one child; commands alone need none."""
     batch: list[Migrator] = []
 
     def flush() -> None:
         if any(isinstance(m, _CHILD_KINDS) for m in batch):
-            _in_child(batch, url, env, databases)
+            _in_child(batch, url, env)
         else:
             with temporary_env(env):
                 for migrator in batch:
@@ -117,11 +71,9 @@ def apply_steps(migrators: Sequence[Migrator], url: str, env: Mapping[str, str],
     flush()
 
 
-def _in_child(batch: Sequence[Migrator], url: str, env: Mapping[str, str],
-              databases: BuildDatabases | None) -> None:
+def _in_child(batch: Sequence[Migrator], url: str, env: Mapping[str, str]) -> None:
     child_env = {**interpreter_env(os.environ), **env}
-    payload = pickle.dumps((list(batch), url, sorted(redirect.redirected_names()), databases))
-    proc = subprocess.run([sys.executable, "-m", "pgshard.build"], input=payload,
+    proc = subprocess.run([sys.executable, "-m", "pgshard.build"], input=pickle.dumps((list(batch), url)),
                           env=child_env, capture_output=True, check=False)
     events: list[dict[str, str]] = []
     for line in proc.stdout.decode(errors="replace").splitlines():
@@ -147,10 +99,10 @@ def main() -> int:
     result = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)
     sys.stdout = sys.stderr
-    migrators, url, redirected, databases = pickle.loads(sys.stdin.buffer.read())
-    if redirected:  # the app's engines with a hard-coded database name build the template, as in the parent
-        redirect.install(redirected, url)
-        redirect.handle_ddl(databases)
+    migrators, url = pickle.loads(sys.stdin.buffer.read())
+    from pgshard.template import BuildLifecycle  # here: template.py imports this module
+
+    redirect.from_environment(url, BuildLifecycle(url))  # the app's hard-coded engines build the template too
     with result:
         for migrator in migrators:
             result.write(json.dumps({"spec": migrator.spec}) + "\n")

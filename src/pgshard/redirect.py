@@ -44,8 +44,8 @@ from pgshard.settings import mask_url
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine
 
-__all__ = ["MAINTENANCE_DATABASES", "DatabaseLifecycle", "follow", "handle_ddl", "install", "redirected_names",
-           "reset", "retarget"]
+__all__ = ["CHILD_NAMES", "MAINTENANCE_DATABASES", "DatabaseLifecycle", "child_environment", "follow",
+           "from_environment", "handle_ddl", "install", "reset", "retarget"]
 
 MAINTENANCE_DATABASES = frozenset({"postgres", "template1", "template0"})
 _GENERATION = "pgshard_redirect_generation"  # ConnectionPoolEntry.info: made for this target generation
@@ -134,9 +134,20 @@ def retarget(url: str) -> Iterator[None]:
         _release_idle()
 
 
-def redirected_names() -> frozenset[str]:
-    """The database names redirected in this process (a template build's child process redirects them too)."""
-    return _state.names
+CHILD_NAMES = "PGSHARD_BUILD_REDIRECT"  # the names, for a child process that builds the template
+
+
+def child_environment() -> dict[str, str]:
+    """What a child process (the template build) needs to redirect the same names: see from_environment."""
+    return {CHILD_NAMES: "\n".join(sorted(_state.names))} if _state.names else {}
+
+
+def from_environment(target_url: str, lifecycle: DatabaseLifecycle) -> None:
+    """In that child: redirect the names its parent redirects (if any) to ``target_url``."""
+    names = os.environ.get(CHILD_NAMES, "").split()
+    if names:
+        install(names, target_url)
+        handle_ddl(lifecycle)
 
 
 def handle_ddl(lifecycle: DatabaseLifecycle | None) -> None:

@@ -18,7 +18,6 @@ from typing import Any
 from sqlalchemy.engine import make_url
 
 from pgshard.admin import Admin
-from pgshard.build import BuildDatabases, build_fingerprint
 from pgshard.clones import Clones, CloneTimes, Database, drop_stale, worker_database_name
 from pgshard.faults import advice, classify
 from pgshard.host import default_cache_dir
@@ -26,7 +25,7 @@ from pgshard.migrate import blind_commands, hash_globs, parse_migrators
 from pgshard.server import ServerLease, acquire
 from pgshard.server.base import ServerError, ServerInfo, connect
 from pgshard.settings import Settings, env_assignments, mask_url, placeholders
-from pgshard.template import Template, TemplateResult, database_url, project_key
+from pgshard.template import BuildLifecycle, Template, TemplateResult, build_fingerprint, database_url, project_key
 
 HANDOFF = "PGSHARD_HANDOFF"  # controller -> xdist workers: the server and the run id
 
@@ -158,7 +157,7 @@ class Run:
         """A fresh clone of the template (empty without pgshard_migrate) under this worker's name ``name``;
         during a template build (a step re-creating the app's database), the build database afresh."""
         if build_fingerprint(name, self.settings.prefix) is not None:
-            return self._builds().create_database(name)
+            return BuildLifecycle(self.database_url(name)).create_database(name)
         self._check_ours(name)
         if self.database is None and name == self.database_name:
             self.worker_database()
@@ -170,7 +169,7 @@ class Run:
     def drop_database(self, name: str) -> bool:
         """Drop this worker's database ``name`` (or the template being built); False when it does not exist."""
         if build_fingerprint(name, self.settings.prefix) is not None:
-            return self._builds().drop_database(name)
+            return BuildLifecycle(self.database_url(name)).drop_database(name)
         self._check_ours(name)
         if self.clones is None:  # dropped by pgshard already when the app's own teardown comes after ours
             return name in self.finished
@@ -189,9 +188,6 @@ class Run:
         if self.wants_commit_pool and self.clones is not None:
             self.clones.start_pool()
         return database
-
-    def _builds(self) -> BuildDatabases:
-        return BuildDatabases(self.start_server().url, self.settings.prefix, self.run_id)
 
     def _check_ours(self, name: str) -> None:
         if name != self.database_name and not name.startswith(self.database_name + "_t"):

@@ -21,7 +21,7 @@ from sqlalchemy.engine import make_url
 
 from pgshard import redirect
 from pgshard.admin import Admin, Marker
-from pgshard.build import BuildDatabases, apply_steps, build_name
+from pgshard.build import apply_steps
 from pgshard.migrate import MigrationError, Migrator, _sha
 from pgshard.server.base import ServerError, ServerInfo
 from pgshard.settings import env_assignments, placeholders
@@ -52,6 +52,52 @@ def project_key(rootdir: Path) -> str:
     """Which project built a template (its rootdir, hashed): pgshard_keep_templates counts per project,
     so two projects sharing one server do not evict each other's templates."""
     return _sha(str(rootdir.resolve()))[:12]
+
+
+def build_name(template: str) -> str:
+    """Where a template is built before it is renamed and sealed."""
+    return f"{template}_build"
+
+
+def build_fingerprint(name: str, prefix: str) -> str | None:
+    """The fingerprint of the template being built under ``name``; None when ``name`` is no build database."""
+    head, tail = f"{prefix}_tpl_", build_name("")
+    if name.startswith(head) and name.endswith(tail) and len(name) > len(head) + len(tail):
+        return name[len(head):-len(tail)]
+    return None
+
+
+class BuildLifecycle:
+    """While a template is built, the app's CREATE/DROP DATABASE of a redirected name (a step that resets
+    the app's database itself) act on the build database: dropped, then made afresh with its marker."""
+
+    def __init__(self, url: str) -> None:
+        self.name = make_url(url).database or ""
+        self.prefix = self.name.split("_tpl_", 1)[0]
+        self.fingerprint = build_fingerprint(self.name, self.prefix)
+        self.admin_url = database_url(url, "postgres")
+        self.marker: Marker | None = None  # the build's own (its builder's pid keeps it from stale cleanup)
+
+    def _check(self, name: str) -> None:
+        if self.fingerprint is None or name != self.name:
+            raise ServerError(f"while a template is built pgshard acts only on its build database, not {name}")
+
+    def create_database(self, name: str) -> bool:
+        self._check(name)
+        with Admin(self.admin_url, self.prefix) as admin:
+            if admin.exists(name):
+                return False
+            admin.create(name, self.marker or Marker("build", fingerprint=self.fingerprint or ""),
+                         template="template0")
+        return True
+
+    def drop_database(self, name: str) -> bool:
+        self._check(name)
+        with Admin(self.admin_url, self.prefix) as admin:
+            found = admin.info(name)
+            if found is not None and found.marker is not None:
+                self.marker = found.marker
+            return admin.drop(name, force=True)
 
 
 class Template:
@@ -171,10 +217,11 @@ class Template:
         self.admin.create(build, Marker("build", self.run_id, fingerprint=self.fingerprint()), template="template0")
         url = database_url(self.server.url, build)
         try:
-            # the app's own (redirected or followed) engines build the template too, in-process or in the child
+            # in-process steps that use the app's own (redirected or followed) engines build the template too
+            # the build child redirects pgshard_redirect's names to the build database too (redirect.CHILD_NAMES)
             with redirect.retarget(url):
-                apply_steps(self.migrators, url, env_assignments(self.env_lines, placeholders(url)),
-                            BuildDatabases(self.server.url, self.admin.prefix, self.run_id))
+                apply_steps(self.migrators, url,
+                            {**env_assignments(self.env_lines, placeholders(url)), **redirect.child_environment()})
         except BaseException:
             self.admin.drop(build, force=True)
             raise
