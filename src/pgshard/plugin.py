@@ -331,9 +331,12 @@ def _pgshard_app_engine(request: pytest.FixtureRequest, pg_database: Database) -
     """The app's own engine (pgshard_engine, else the bind of pgshard_sessionmaker), pointed at this
     worker's database; None when the app has none."""
     engine = _guard(app_engine, _app_object(request, "engine"), _app_object(request, "sessionmaker"))
-    if engine is not None and engine.url.database not in (pg_database.name, *_run(request).settings.redirect):
-        redirect.follow(engine)  # built for another database: it keeps its driver and listeners, lands here
-        getattr(engine, "sync_engine", engine).dispose(close=False)  # and forgets connections made before
+    if engine is not None:
+        # Followed even when its URL names this database already: each connection is then stamped with the
+        # database it was made for, so a db_commit test's retarget never gets one made for another. An engine
+        # built for another database keeps its driver and listeners and lands here.
+        redirect.follow(engine)
+        getattr(engine, "sync_engine", engine).dispose(close=False)  # connections made before are not stamped
     return engine
 
 
