@@ -579,7 +579,10 @@ def _app_client(request: pytest.FixtureRequest, fixture: str, make: Callable[...
     is_async = _is_async_callable(get_db)
     if request.node.get_closest_marker("db_commit") is not None:
         engine = request.getfixturevalue("commit_db").engine
-        if _app_object(request, "sessionmaker") is not None:  # rebound to the clone: the app's get_db is right
+        maker = _app_object(request, "sessionmaker")
+        if maker is not None and is_async and not _is_async_test(request):
+            yield from _one_loop_client(app, base_url, maker.kw.get("bind"), make)
+        elif maker is not None:  # pointed at the clone: the app's get_db is right
             yield make(app, base_url)
         elif is_async:
             pytest.fail("pgshard: an async get_db in a db_commit test needs pgshard_sessionmaker (the app's "
@@ -601,6 +604,19 @@ def _app_client(request: pytest.FixtureRequest, fixture: str, make: Callable[...
         session = request.getfixturevalue("async_db_session" if is_async else "db_session")
         with override_dependency(app, get_db, lambda: session, close=False):
             yield make(app, base_url)
+
+
+def _one_loop_client(app: Any, base_url: str, engine: Any, make: Callable[..., Any]) -> Iterator[Any]:
+    """A sync client whose requests all run in one event loop, since the async engine pools connections
+    that belong to the loop they were made in; they are closed in that loop after the test."""
+    from anyio.from_thread import start_blocking_portal
+
+    with start_blocking_portal() as portal:
+        try:
+            yield make(app, base_url, portal)
+        finally:
+            if is_async_engine(engine):
+                portal.call(engine.dispose)
 
 
 @pytest.fixture

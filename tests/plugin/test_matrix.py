@@ -166,6 +166,13 @@ async def test_async_client_async_db_session(async_client, async_db_session):
     assert await async_db_session.scalar(text(SETTINGS)) == "matrix-app 42s"
 
 
+@pytest.mark.db_commit
+def test_db_commit_every_request_works(client, commit_db):
+    check_request(client.post("/things/one"))
+    check_request(client.post("/things/two"))
+    assert client.get("/things").json() == ["one", "two"]
+
+
 def test_zz_nothing_left_in_the_worker_database(pg_engine):
     with pg_engine.connect() as conn:
         assert conn.execute(text("SELECT count(*) FROM thing")).scalar() == 0
@@ -250,7 +257,7 @@ def test_every_cell_shares_the_apps_connection_or_is_refused_with_one_line(
     pytester.makepyfile(test_matrix=CELLS.format(driver=driver, mark=mark))
     result = run(pytester, *args)
     refused = APPS[(kind, driver)][2]
-    result.assert_outcomes(passed=5 - len(refused), errors=len(refused))
+    result.assert_outcomes(passed=6 - len(refused), errors=len(refused))
     result.stdout.fnmatch_lines_random([f"ERROR test_matrix.py::{test} - Failed: pgshard: {line}"
                                         for test, line in refused.items()])
     assert "Traceback" not in result.stdout.str()
