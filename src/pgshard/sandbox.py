@@ -120,6 +120,33 @@ _SYNC_BRIDGED = ("execute", "scalar", "scalars", "get", "get_one", "flush", "com
                  "merge", "connection", "close", "begin", "begin_nested")
 
 
+class _BridgedTransaction:
+    """A SessionTransaction of a bridged session whose own I/O (commit, rollback, the end of its ``with``
+    block) runs where the session's does."""
+
+    def __init__(self, transaction: Any, run: Any) -> None:
+        self._transaction = transaction
+        self._run = run
+
+    def __enter__(self) -> _BridgedTransaction:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> Any:
+        return self._run(self._transaction.__exit__, *exc_info)
+
+    def commit(self) -> None:
+        self._run(self._transaction.commit)
+
+    def rollback(self) -> None:
+        self._run(self._transaction.rollback)
+
+    def close(self) -> None:
+        self._run(self._transaction.close)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transaction, name)
+
+
 class AsyncSandbox:
     """The async twin of ``sandbox``: one connection of the app's async engine (or pgshard's) in an
     outer transaction, opened on first use in the loop it must live in, since asyncpg and psycopg
@@ -183,12 +210,18 @@ class AsyncSandbox:
         connection = portal.call(self.open)
         loop_thread = portal.call(threading.get_ident)
 
+        def run(func: Any, *args: Any, **kwargs: Any) -> Any:
+            call = functools.partial(func, *args, **kwargs)
+            if threading.get_ident() == loop_thread:  # already inside (a nested call)
+                return call()
+            return portal.call(greenlet_spawn, call)
+
         def bridged(name: str) -> Any:
             def method(session: Session, *args: Any, **kwargs: Any) -> Any:
-                call = functools.partial(getattr(Session, name), session, *args, **kwargs)
-                if threading.get_ident() == loop_thread:  # already inside (a nested call)
-                    return call()
-                return portal.call(greenlet_spawn, call)
+                result = run(getattr(Session, name), session, *args, **kwargs)
+                if name in ("begin", "begin_nested") and threading.get_ident() != loop_thread:
+                    return _BridgedTransaction(result, run)
+                return result
 
             method.__name__ = name
             return method

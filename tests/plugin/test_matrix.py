@@ -130,7 +130,9 @@ def test_client_db_session(client, db_session):
     assert db_session.scalars(select(app.Thing.name)).all() == ["from-client"]
     db_session.add(app.Thing(name="from-test"))
     db_session.commit()
-    assert client.get("/things").json() == ["from-client", "from-test"]
+    with db_session.begin_nested():
+        db_session.add(app.Thing(name="nested"))
+    assert client.get("/things").json() == ["from-client", "from-test", "nested"]
     assert db_session.connection().dialect.driver == DRIVER
     assert db_session.scalar(text(SETTINGS)) == "matrix-app 42s"
 
