@@ -323,3 +323,18 @@ def test_an_app_engine_built_for_another_database_lands_on_the_workers(pytester:
             assert db_session.scalar(text("SELECT count(*) FROM thing")) == 1
     '''))
     run(pytester).assert_outcomes(passed=1)
+
+
+def test_pgshard_async_driver_overrides_the_apps_async_driver(pytester: pytest.Pytester) -> None:
+    make_app(pytester, "async", "psycopg", extra_ini="pgshard_async_driver = asyncpg")
+    pytester.makepyfile(test_one=textwrap.dedent('''
+        import pytest
+        from sqlalchemy import text
+
+        @pytest.mark.asyncio(loop_scope="session")
+        async def test_one(async_db_session, async_client, pg_database):
+            assert (await async_client.post("/things/a")).json() == {"driver": "asyncpg"}
+            assert (await async_db_session.connection()).dialect.driver == "asyncpg"
+            assert await async_db_session.scalar(text("SELECT current_database()")) == pg_database.name
+    '''))
+    run(pytester).assert_outcomes(passed=1)
