@@ -8,6 +8,11 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 
+def is_async_callable(func: Any) -> bool:
+    """An ``async def`` dependency (or generator): FastAPI awaits it, so it must yield an AsyncSession."""
+    return inspect.isasyncgenfunction(func) or inspect.iscoroutinefunction(func)
+
+
 @contextlib.contextmanager
 def override_dependency(app: Any, dependency: Callable[..., Any] | None, provide: Callable[[], Any],
                         *, close: bool = True) -> Iterator[None]:
@@ -35,8 +40,7 @@ def override_dependency(app: Any, dependency: Callable[..., Any] | None, provide
             if close and inspect.isawaitable(closing := value.close()):  # AsyncSession.close is a coroutine
                 await closing
 
-    is_async = inspect.isasyncgenfunction(dependency) or inspect.iscoroutinefunction(dependency)
-    overrides[dependency] = _async if is_async else _sync
+    overrides[dependency] = _async if is_async_callable(dependency) else _sync
     try:
         yield
     finally:

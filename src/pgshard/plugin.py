@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 
 from pgshard import redirect
 from pgshard.clones import Database
-from pgshard.fastapi import make_async_client, make_client, override_dependency
+from pgshard.fastapi import is_async_callable, make_async_client, make_client, override_dependency
 from pgshard.migrate import MigrationError
 from pgshard.queries import QueryCounter
 from pgshard.run import HANDOFF, Run, summary_lines
@@ -322,10 +322,6 @@ def _is_async_test(request: pytest.FixtureRequest) -> bool:
     return inspect.iscoroutinefunction(getattr(request.node, "function", None))
 
 
-def _is_async_callable(func: Any) -> bool:
-    return inspect.isasyncgenfunction(func) or inspect.iscoroutinefunction(func)
-
-
 @pytest.fixture(scope="session")
 def _pgshard_app_engine(request: pytest.FixtureRequest, pg_database: Database) -> Any:
     """The app's own engine (pgshard_engine, else the bind of pgshard_sessionmaker), pointed at this
@@ -346,7 +342,7 @@ def _app_is_async(request: pytest.FixtureRequest) -> bool:
     maker = _app_object(request, "sessionmaker")
     get_db = _app_object(request, "get_db")
     return (is_async_engine(engine) or (maker is not None and is_async_maker(maker))
-            or (get_db is not None and _is_async_callable(get_db)))
+            or (get_db is not None and is_async_callable(get_db)))
 
 
 _CLIENTS_AND_SESSIONS = {"client", "async_client", "db_session", "db_connection"}
@@ -576,7 +572,7 @@ def _app_client(request: pytest.FixtureRequest, fixture: str, make: Callable[...
         pytest.fail("pgshard: the client fixtures need pgshard_get_db = package.module:get_db in your pytest ini; "
                     "without it the app's requests would commit to the database for real", pytrace=False)
     base_url = _run(request).settings.base_url
-    is_async = _is_async_callable(get_db)
+    is_async = is_async_callable(get_db)
     if request.node.get_closest_marker("db_commit") is not None:
         engine = request.getfixturevalue("commit_db").engine
         maker = _app_object(request, "sessionmaker")
