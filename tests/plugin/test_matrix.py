@@ -134,6 +134,7 @@ def test_client_db_session(client, db_session):
         db_session.add(app.Thing(name="nested"))
     assert client.get("/things").json() == ["from-client", "from-test", "nested"]
     assert db_session.connection().dialect.driver == DRIVER
+    assert db_session.connection().engine is getattr(app.engine, "sync_engine", app.engine)  # its pool, too
     assert db_session.scalar(text(SETTINGS)) == "matrix-app 42s"
 
 
@@ -145,6 +146,7 @@ async def test_async_client_db_session(async_client, db_session):
     db_session.commit()
     assert (await async_client.get("/things")).json() == ["from-client", "from-test"]
     assert db_session.connection().dialect.driver == DRIVER
+    assert db_session.connection().engine is getattr(app.engine, "sync_engine", app.engine)  # its pool, too
     assert db_session.scalar(text(SETTINGS)) == "matrix-app 42s"
 
 
@@ -165,6 +167,7 @@ async def test_async_client_async_db_session(async_client, async_db_session):
     await async_db_session.commit()
     assert (await async_client.get("/things")).json() == ["from-client", "from-test"]
     assert (await async_db_session.connection()).dialect.driver == DRIVER
+    assert (await async_db_session.connection()).sync_engine is app.engine.sync_engine
     assert await async_db_session.scalar(text(SETTINGS)) == "matrix-app 42s"
 
 
