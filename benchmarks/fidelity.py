@@ -1,5 +1,5 @@
 """Per-test cost of ``db_session`` on the app's own engine against pgshard's engine (pg_engine), measured in
-one invocation with the two alternating round by round; medians of pytest's per-test durations.
+one invocation with the two alternating round by round (ABBA order); medians of pytest's per-test durations.
 
     python -m benchmarks.fidelity [--tests 200] [--rounds 5]
 
@@ -87,8 +87,9 @@ def main(argv: list[str] | None = None) -> None:
         root = Path(tmp)
         (root / "app.py").write_text(textwrap.dedent(APP))
         (root / "test_bench.py").write_text(TESTS.format(tests=args.tests))
-        for _ in range(args.rounds):
-            for name, extra in CONTENDERS.items():
+        for round_ in range(args.rounds):
+            order = list(CONTENDERS.items())
+            for name, extra in order if round_ % 2 == 0 else order[::-1]:  # ABBA: neither always goes first
                 samples[name].extend(_run_once(root, extra))
     load = Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").exists() else ["?"]
     print(f"db_session per test, {args.tests} tests x {args.rounds} rounds, alternating; loadavg {' '.join(load)}")
