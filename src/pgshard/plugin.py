@@ -355,15 +355,9 @@ def _refuse_unshared(request: pytest.FixtureRequest, fixture: str) -> None:
         return
     advice = None
     if _app_is_async(request):
-        if _is_async_test(request):
-            if fixture == "client":
-                advice = ("client runs the async app in an event loop of its own, apart from this async test's "
-                          "connection: use async_client")
-            elif fixture in ("db_session", "db_connection"):
-                advice = f"{fixture} cannot share the async app's connection inside an async test: use async_db_session"
-        elif fixture == "db_connection":
-            advice = "db_connection cannot share the async app's connection in a sync test: use db_session"
-        elif fixture == "async_db_session":
+        if fixture == "db_connection":
+            advice = "db_connection cannot share the async app's connection: use db_session"
+        elif fixture == "async_db_session" and not _is_async_test(request):
             advice = "async_db_session needs an async test; in a sync test use db_session (it shares the app's)"
     elif fixture == "async_db_session" and _CLIENTS_AND_SESSIONS & set(request.fixturenames):
         advice = ("async_db_session cannot share the sync app's connection (its requests run on db_session's): "
@@ -429,6 +423,9 @@ def _async_engine(request: pytest.FixtureRequest, database: Database) -> Any:
     return create_async_engine(url, poolclass=NullPool)
 
 
+_SYNC_SIDE = {"client", "db_session"}  # fixtures that reach an async app's connection from outside its loop
+
+
 @pytest.fixture
 def _pgshard_async_sandbox(request: pytest.FixtureRequest, pg_database: Database) -> Iterator[AsyncSandbox]:
     """The test's async connection: in the test's own loop for an async test, else in a loop of its own
@@ -437,9 +434,9 @@ def _pgshard_async_sandbox(request: pytest.FixtureRequest, pg_database: Database
     maker = _app_object(request, "sessionmaker")
     with contextlib.ExitStack() as stack:
         portal = None
-        if _is_async_test(request):
+        if _is_async_test(request) and not _SYNC_SIDE & set(request.fixturenames):
             _keep_test_loop_open(request, stack)
-        else:
+        else:  # a sync test, or an async one with a sync client or db_session: a loop they can reach
             from anyio.from_thread import start_blocking_portal
 
             portal = stack.enter_context(start_blocking_portal())
@@ -588,9 +585,9 @@ def _app_client(request: pytest.FixtureRequest, fixture: str, make: Callable[...
                 yield make(app, base_url)
         return
     _refuse_unshared(request, fixture)
-    if is_async and not _is_async_test(request):
-        # A sync test on an async app: every request runs in the sandbox's own loop (the one db_session
-        # reaches too), each with a session of its own that joins the sandbox's connection.
+    if is_async and (fixture == "client" or not _is_async_test(request)):
+        # A sync client, or a sync test, on an async app: every request runs in the sandbox's own loop (the
+        # one db_session reaches too), each with a session of its own that joins the sandbox's connection.
         box: AsyncSandbox = request.getfixturevalue("_pgshard_async_sandbox")
         maker = _app_object(request, "sessionmaker")
         new_session = maker if maker is not None and is_async_maker(maker) else box.session_class()

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import sys
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -159,6 +161,7 @@ class AsyncSandbox:
     def __init__(self, engine: Any, portal: Any = None) -> None:
         self.engine = engine  # an AsyncEngine: the app's, or one of ours
         self.portal = portal
+        self.loop_thread = portal.call(threading.get_ident) if portal is not None else None
         self.connection: Any = None  # AsyncConnection once opened
         self.loop: asyncio.AbstractEventLoop | None = None
 
@@ -173,8 +176,9 @@ class AsyncSandbox:
 
     def session_class(self, base: Any = None) -> Any:
         """A subclass of ``base`` (an AsyncSession class) whose sessions bind to the sandbox before
-        their first statement."""
-        from sqlalchemy.ext.asyncio import AsyncSession
+        their first statement, and whose I/O runs in the sandbox's loop when called from another one
+        (an async test whose sync client or db_session put the sandbox on a portal)."""
+        from sqlalchemy.ext.asyncio import AsyncSession, AsyncSessionTransaction
 
         base = base or AsyncSession
         sandbox = self
@@ -186,29 +190,45 @@ class AsyncSandbox:
                 session.sync_session.bind = connection.sync_connection
                 session.sync_session.join_transaction_mode = "create_savepoint"
 
-        def connecting(name: str) -> Any:
+        def bridged(class_: Any, name: str, joins: bool) -> Any:
             async def method(self: Any, *args: Any, **kwargs: Any) -> Any:
-                await join(self)
-                return await getattr(base, name)(self, *args, **kwargs)
+                async def call() -> Any:
+                    if joins:
+                        await join(self if isinstance(self, AsyncSession) else self.session)
+                    return await getattr(class_, name)(self, *args, **kwargs)
+
+                return await sandbox.in_loop(call)
 
             method.__name__ = name
             return method
 
-        return type(f"Sandbox{base.__name__}", (base,), {name: connecting(name) for name in _CONNECTING_METHODS})
+        transaction = type("SandboxAsyncSessionTransaction", (AsyncSessionTransaction,), {
+            "start": bridged(AsyncSessionTransaction, "start", joins=True),
+            **{name: bridged(AsyncSessionTransaction, name, joins=False)
+               for name in ("commit", "rollback", "__aexit__")},
+        })
+        namespace: dict[str, Any] = {name: bridged(base, name, joins=True) for name in _CONNECTING_METHODS}
+        namespace["close"] = bridged(base, "close", joins=False)
+        namespace["begin"] = lambda self: transaction(self)
+        namespace["begin_nested"] = lambda self: transaction(self, nested=True)
+        return type(f"Sandbox{base.__name__}", (base,), namespace)
+
+    async def in_loop(self, call: Any) -> Any:
+        """Await ``call()`` in the sandbox's loop: here when this is it, else on its portal."""
+        if self.portal is None or threading.get_ident() == self.loop_thread:
+            return await call()
+        return await asyncio.wrap_future(self.portal.start_task_soon(call))
 
     def sync_session(self, **kw: Any) -> Session:
         """A sync ``Session`` on the sandbox's connection for a sync test: each of its I/O methods runs in
         the portal's loop inside a greenlet (as AsyncSession does), so it drives the async driver and
         sees what the app's requests wrote, and the other way round."""
-        import functools
-        import threading
-
         from sqlalchemy.util import greenlet_spawn
 
         portal = self.portal
         assert portal is not None, "sync_session needs a sandbox on a portal"
         connection = portal.call(self.open)
-        loop_thread = portal.call(threading.get_ident)
+        loop_thread = self.loop_thread
 
         def run(func: Any, *args: Any, **kwargs: Any) -> Any:
             call = functools.partial(func, *args, **kwargs)

@@ -156,7 +156,9 @@ async def test_client_async_db_session(client, async_db_session):
     assert (await async_db_session.scalars(select(app.Thing.name))).all() == ["from-client"]
     async_db_session.add(app.Thing(name="from-test"))
     await async_db_session.commit()
-    assert client.get("/things").json() == ["from-client", "from-test"]
+    async with async_db_session.begin_nested():
+        async_db_session.add(app.Thing(name="nested"))
+    assert client.get("/things").json() == ["from-client", "from-test", "nested"]
 
 
 {mark}
@@ -165,7 +167,9 @@ async def test_async_client_async_db_session(async_client, async_db_session):
     assert (await async_db_session.scalars(select(app.Thing.name))).all() == ["from-client"]
     async_db_session.add(app.Thing(name="from-test"))
     await async_db_session.commit()
-    assert (await async_client.get("/things")).json() == ["from-client", "from-test"]
+    async with async_db_session.begin_nested():
+        async_db_session.add(app.Thing(name="nested"))
+    assert (await async_client.get("/things")).json() == ["from-client", "from-test", "nested"]
     assert (await async_db_session.connection()).dialect.driver == DRIVER
     assert (await async_db_session.connection()).sync_engine is app.engine.sync_engine
     assert await async_db_session.scalar(text(SETTINGS)) == "matrix-app 42s"
@@ -221,14 +225,8 @@ APPS = {
         "test_client_async_db_session": "async_db_session cannot share the sync app's connection*use db_session",
         "test_async_client_async_db_session": "async_db_session cannot share the sync app's connection*use db_session",
     }),
-    ("async", "psycopg"): ("{async_url}", "auto-session", {
-        "test_client_async_db_session": "client runs the async app in an event loop of its own*use async_client",
-        "test_async_client_db_session": "db_session cannot share the async app's connection*use async_db_session",
-    }),
-    ("async", "asyncpg"): ("{asyncpg_url}", "strict-function", {
-        "test_client_async_db_session": "client runs the async app in an event loop of its own*use async_client",
-        "test_async_client_db_session": "db_session cannot share the async app's connection*use async_db_session",
-    }),
+    ("async", "psycopg"): ("{async_url}", "auto-session", {}),
+    ("async", "asyncpg"): ("{asyncpg_url}", "strict-function", {}),
 }
 
 RUNNERS = {  # ini lines, marker of async tests, extra pytest arguments
