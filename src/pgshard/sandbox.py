@@ -153,9 +153,10 @@ class AsyncSandbox:
     """The async twin of ``sandbox``: one connection of the app's async engine (or pgshard's) in an
     outer transaction, opened on first use in the loop it must live in, since asyncpg and psycopg
     connections belong to one loop. In an async test that is the test's own loop (pytest-asyncio strict
-    or auto, anyio); in a sync test it is ``portal``'s (anyio's blocking portal, a loop on a thread of
-    its own), which the sync ``client`` shares and a sync ``db_session`` reaches through ``sync_session``.
-    Every session made by ``session_class()`` joins it in savepoint mode, the test's own and the app's.
+    or auto, anyio); when a sync client or a sync session must reach it too, it is ``portal``'s (anyio's
+    blocking portal, a loop on a thread of its own): the sync ``client`` runs its requests there, a sync
+    ``db_session`` reaches it through ``sync_session``, async sessions through ``in_loop``. Every session
+    made by ``session_class()`` joins it in savepoint mode, the test's own and the app's.
     """
 
     def __init__(self, engine: Any, portal: Any = None) -> None:
