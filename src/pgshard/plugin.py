@@ -20,12 +20,21 @@ from sqlalchemy.orm import Session
 
 from pgshard import redirect
 from pgshard.clones import Database
-from pgshard.fastapi import make_async_client, make_client, override_dependency
+from pgshard.fastapi import is_async_callable, make_async_client, make_client, override_dependency
 from pgshard.faults import classify
 from pgshard.migrate import MigrationError, parse_migrators
 from pgshard.queries import QueryCounter
 from pgshard.run import HANDOFF, Run, summary_lines
-from pgshard.sandbox import AsyncSandbox, SandboxError, is_async_maker, rebind, rebind_class, sandbox
+from pgshard.sandbox import (
+    AsyncSandbox,
+    SandboxError,
+    app_engine,
+    is_async_engine,
+    is_async_maker,
+    rebind,
+    rebind_class,
+    sandbox,
+)
 from pgshard.server.base import ServerError, ServerInfo
 from pgshard.settings import OPTIONS, Settings, SettingsError, import_object, resolve, temporary_env
 from pgshard.sharding import DurationsRecorder, ShardError, load_durations, parse_shard, split
@@ -348,13 +357,66 @@ def _refuse_in_commit_test(request: pytest.FixtureRequest, fixture: str) -> None
                     pytrace=False)
 
 
-@pytest.fixture
-def db_connection(request: pytest.FixtureRequest, pg_engine: Engine) -> Iterator[Any]:
-    """The test's connection, inside an outer transaction rolled back at teardown. The app's
-    sessionmaker (pgshard_sessionmaker) is bound to it for the test, in savepoint mode."""
-    _refuse_in_commit_test(request, "db_connection")
+def _is_async_test(request: pytest.FixtureRequest) -> bool:
+    return inspect.iscoroutinefunction(getattr(request.node, "function", None))
+
+
+@pytest.fixture(scope="session")
+def _pgshard_app_engine(request: pytest.FixtureRequest, pg_database: Database) -> Any:
+    """The app's own engine (pgshard_engine, else the bind of pgshard_sessionmaker), pointed at this
+    worker's database; None when the app has none."""
+    engine = _guard(app_engine, _app_object(request, "engine"), _app_object(request, "sessionmaker"))
+    if engine is not None:
+        # Followed even when its URL names this database already: each connection is then stamped with the
+        # database it was made for, so a db_commit test's retarget never gets one made for another. An engine
+        # built for another database keeps its driver and listeners and lands here.
+        redirect.follow(engine)
+        getattr(engine, "sync_engine", engine).dispose(close=False)  # connections made before are not stamped
+    return engine
+
+
+def _app_is_async(request: pytest.FixtureRequest) -> bool:
+    """An async app: an async engine or sessionmaker, or an async get_db (its requests want an AsyncSession)."""
+    engine = request.getfixturevalue("_pgshard_app_engine")
     maker = _app_object(request, "sessionmaker")
-    with sandbox(pg_engine) as box:
+    get_db = _app_object(request, "get_db")
+    return (is_async_engine(engine) or (maker is not None and is_async_maker(maker))
+            or (get_db is not None and is_async_callable(get_db)))
+
+
+_CLIENTS_AND_SESSIONS = {"client", "async_client", "db_session", "db_connection"}
+
+
+def _refuse_unshared(request: pytest.FixtureRequest, fixture: str) -> None:
+    """Fixtures of one test must share one connection, or a test would silently see nothing of what
+    another wrote: where that cannot be, fail at setup with the fixture to use instead."""
+    if request.node.get_closest_marker("db_commit") is not None:
+        return
+    advice = None
+    if _app_is_async(request):
+        if fixture == "db_connection":
+            advice = "db_connection cannot share the async app's connection: use db_session"
+        elif fixture == "async_db_session" and not _is_async_test(request):
+            advice = "async_db_session needs an async test; in a sync test use db_session (it shares the app's)"
+    elif fixture == "async_db_session" and _CLIENTS_AND_SESSIONS & set(request.fixturenames):
+        advice = ("async_db_session cannot share the sync app's connection (its requests run on db_session's): "
+                  "use db_session")
+    if advice:
+        pytest.fail(f"pgshard: {advice}", pytrace=False)
+
+
+@pytest.fixture
+def db_connection(request: pytest.FixtureRequest) -> Iterator[Any]:
+    """The test's connection from the app's own engine (pgshard's when it has none), inside an outer
+    transaction rolled back at teardown. The app's sessionmaker (pgshard_sessionmaker) is bound to it for
+    the test, in savepoint mode."""
+    _refuse_in_commit_test(request, "db_connection")
+    _refuse_unshared(request, "db_connection")
+    engine = request.getfixturevalue("_pgshard_app_engine")
+    if engine is None or is_async_engine(engine):
+        engine = request.getfixturevalue("pg_engine")
+    maker = _app_object(request, "sessionmaker")
+    with sandbox(engine) as box:
         if maker is not None and not is_async_maker(maker):
             with rebind(maker, bind=box.connection, join_transaction_mode="create_savepoint"):
                 yield box.connection
@@ -364,35 +426,75 @@ def db_connection(request: pytest.FixtureRequest, pg_engine: Engine) -> Iterator
 
 @pytest.fixture
 def db_session(request: pytest.FixtureRequest) -> Iterator[Session]:
-    """A Session on the test's connection: the app's commit() releases a savepoint; all rolled back after."""
+    """A Session on the test's connection: the app's commit() releases a savepoint; all rolled back after.
+    With an async app (in a sync test) it runs on the app's async connection, which the client shares."""
     _refuse_in_commit_test(request, "db_session")
-    connection = request.getfixturevalue("db_connection")
-    session = Session(bind=connection, join_transaction_mode="create_savepoint", expire_on_commit=False)
+    _refuse_unshared(request, "db_session")
+    if _app_is_async(request):
+        box: AsyncSandbox = request.getfixturevalue("_pgshard_async_sandbox")
+        session = box.sync_session(expire_on_commit=False)
+    else:
+        connection = request.getfixturevalue("db_connection")
+        session = Session(bind=connection, join_transaction_mode="create_savepoint", expire_on_commit=False)
     yield session
     session.close()
 
 
-def _async_url(run: Run, database: Database) -> str:
-    from sqlalchemy.engine import make_url
+_ASYNC_DRIVERS = {"psycopg": "postgresql+psycopg_async", "asyncpg": "postgresql+asyncpg"}
 
-    driver = "postgresql+asyncpg" if run.settings.async_driver == "asyncpg" else "postgresql+psycopg_async"
-    return make_url(database.url).set(drivername=driver).render_as_string(hide_password=False)
+
+def _async_engine(request: pytest.FixtureRequest, database: Database) -> Any:
+    """The app's async engine, or (when it has none, or pgshard_async_driver names another driver) one of
+    ours on the worker's database."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.ext.asyncio import create_async_engine
+    from sqlalchemy.pool import NullPool
+
+    engine = request.getfixturevalue("_pgshard_app_engine")
+    settings = _run(request).settings
+    if is_async_engine(engine):
+        if "async_driver" not in settings.explicit or engine.dialect.driver == settings.async_driver:
+            return engine
+        url = engine.url
+    else:
+        url = make_url(database.url)
+    url = url.set(drivername=_ASYNC_DRIVERS[settings.async_driver])
+    return create_async_engine(url, poolclass=NullPool)
+
+
+_SYNC_SIDE = {"client", "db_session"}  # fixtures that reach an async app's connection from outside its loop
 
 
 @pytest.fixture
-def async_db_session(request: pytest.FixtureRequest, pg_database: Database) -> Iterator[Any]:
-    """An AsyncSession in savepoint mode (psycopg async or asyncpg: pgshard_async_driver), rolled back
-    after. A plain fixture on purpose: it connects on first use inside the test's own event loop, so it
-    works under pytest-asyncio (strict or auto) and anyio alike."""
-    _refuse_in_commit_test(request, "async_db_session")
+def _pgshard_async_sandbox(request: pytest.FixtureRequest, pg_database: Database) -> Iterator[AsyncSandbox]:
+    """The test's async connection: in the test's own loop for an async test, else in a loop of its own
+    (a blocking portal) that the sync client and db_session share."""
+    engine = _async_engine(request, pg_database)
     maker = _app_object(request, "sessionmaker")
     with contextlib.ExitStack() as stack:
-        _keep_test_loop_open(request, stack)
-        box = AsyncSandbox(_async_url(_run(request), pg_database))
+        portal = None
+        if _is_async_test(request) and not _SYNC_SIDE & set(request.fixturenames):
+            _keep_test_loop_open(request, stack)
+        else:  # a sync test, or an async one with a sync client or db_session: a loop they can reach
+            from anyio.from_thread import start_blocking_portal
+
+            portal = stack.enter_context(start_blocking_portal())
+        box = AsyncSandbox(engine, portal)
         stack.callback(box.discard)
         if maker is not None and is_async_maker(maker):  # the app's own sessions join the sandbox too
             stack.enter_context(rebind_class(maker, box.session_class(maker.class_)))
-        yield box.session_class()(expire_on_commit=False)
+        yield box
+
+
+@pytest.fixture
+def async_db_session(request: pytest.FixtureRequest) -> Any:
+    """An AsyncSession in savepoint mode on the app's async engine (its driver; else psycopg async or
+    pgshard_async_driver), rolled back after. A plain fixture on purpose: it connects on first use inside
+    the test's own event loop, so it works under pytest-asyncio (strict or auto) and anyio alike."""
+    _refuse_in_commit_test(request, "async_db_session")
+    _refuse_unshared(request, "async_db_session")
+    box: AsyncSandbox = request.getfixturevalue("_pgshard_async_sandbox")
+    return box.session_class()(expire_on_commit=False)
 
 
 def _keep_test_loop_open(request: pytest.FixtureRequest, stack: contextlib.ExitStack) -> None:
@@ -436,11 +538,12 @@ def _pgshard_db_commit(request: pytest.FixtureRequest) -> Iterator[None]:
             if maker is not None and maker.kw.get("bind") in followed:
                 pass  # the app's own engine behind its sessionmaker now lands on the clone
             elif maker is not None and is_async_maker(maker):
+                from sqlalchemy.engine import make_url
                 from sqlalchemy.ext.asyncio import create_async_engine
                 from sqlalchemy.pool import NullPool
 
-                stack.enter_context(rebind(maker, bind=create_async_engine(_async_url(run, database),
-                                                                           poolclass=NullPool)))
+                url = make_url(database.url).set(drivername=_ASYNC_DRIVERS[run.settings.async_driver])
+                stack.enter_context(rebind(maker, bind=create_async_engine(url, poolclass=NullPool)))
             elif maker is not None:
                 stack.enter_context(rebind(maker, bind=engine))
             yield
@@ -496,7 +599,7 @@ def _app(request: pytest.FixtureRequest) -> Any:
     return app
 
 
-def _app_client(request: pytest.FixtureRequest, make: Callable[[Any], Any]) -> Iterator[Any]:
+def _app_client(request: pytest.FixtureRequest, fixture: str, make: Callable[..., Any]) -> Iterator[Any]:
     """The app's get_db yields the test's sandbox session; in a db_commit test, a real session per
     request on the test's own clone (the app's sessionmaker, rebound, already points there)."""
     app = _app(request)
@@ -504,30 +607,58 @@ def _app_client(request: pytest.FixtureRequest, make: Callable[[Any], Any]) -> I
     if get_db is None:
         pytest.fail("pgshard: the client fixtures need pgshard_get_db = package.module:get_db in your pytest ini; "
                     "without it the app's requests would commit to the database for real", pytrace=False)
-    is_async = inspect.isasyncgenfunction(get_db) or inspect.iscoroutinefunction(get_db)
+    base_url = _run(request).settings.base_url
+    is_async = is_async_callable(get_db)
     if request.node.get_closest_marker("db_commit") is not None:
         engine = request.getfixturevalue("commit_db").engine
-        if _app_object(request, "sessionmaker") is not None:  # rebound to the clone: the app's get_db is right
-            yield make(app)
+        maker = _app_object(request, "sessionmaker")
+        if maker is not None and is_async and not _is_async_test(request):
+            yield from _one_loop_client(app, base_url, maker.kw.get("bind"), make)
+        elif maker is not None:  # pointed at the clone: the app's get_db is right
+            yield make(app, base_url)
         elif is_async:
             pytest.fail("pgshard: an async get_db in a db_commit test needs pgshard_sessionmaker (the app's "
                         "async_sessionmaker), which pgshard points at the test's clone", pytrace=False)
         else:
             with override_dependency(app, get_db, lambda: Session(bind=engine, expire_on_commit=False)):
-                yield make(app)
+                yield make(app, base_url)
+        return
+    _refuse_unshared(request, fixture)
+    if is_async and (fixture == "client" or not _is_async_test(request)):
+        # A sync client, or a sync test, on an async app: every request runs in the sandbox's own loop (the
+        # one db_session reaches too), each with a session of its own that joins the sandbox's connection.
+        box: AsyncSandbox = request.getfixturevalue("_pgshard_async_sandbox")
+        maker = _app_object(request, "sessionmaker")
+        new_session = maker if maker is not None and is_async_maker(maker) else box.session_class()
+        with override_dependency(app, get_db, lambda: new_session(expire_on_commit=False)):
+            yield make(app, base_url, box.portal)
     else:
         session = request.getfixturevalue("async_db_session" if is_async else "db_session")
         with override_dependency(app, get_db, lambda: session, close=False):
-            yield make(app)
+            yield make(app, base_url)
+
+
+def _one_loop_client(app: Any, base_url: str, engine: Any, make: Callable[..., Any]) -> Iterator[Any]:
+    """A sync client whose requests all run in one event loop, since the async engine pools connections
+    that belong to the loop they were made in; they are closed in that loop after the test."""
+    from anyio.from_thread import start_blocking_portal
+
+    with start_blocking_portal() as portal:
+        try:
+            yield make(app, base_url, portal)
+        finally:
+            if is_async_engine(engine):
+                portal.call(engine.dispose)
 
 
 @pytest.fixture
 def client(request: pytest.FixtureRequest) -> Iterator[Any]:
-    """A FastAPI TestClient whose pgshard_get_db dependency yields the test's session."""
-    yield from _app_client(request, make_client)
+    """A FastAPI TestClient (base URL pgshard_base_url) whose pgshard_get_db dependency yields the test's
+    session; with an async app, every request of the test runs in one event loop."""
+    yield from _app_client(request, "client", make_client)
 
 
 @pytest.fixture
 def async_client(request: pytest.FixtureRequest) -> Iterator[Any]:
     """An httpx.AsyncClient on the app (ASGITransport), same dependency override as ``client``."""
-    yield from _app_client(request, make_async_client)
+    yield from _app_client(request, "async_client", make_async_client)

@@ -64,8 +64,11 @@ OPTIONS: tuple[Option, ...] = (
            "The app's engine (sync or async), module:attribute: tests connect through it."),
     Option("redirect", None, "PGSHARD_REDIRECT", "pgshard_redirect", "lines", (),
            "Database names, one per line: SQLAlchemy engines connecting to one land on this worker's database."),
+    Option("base_url", None, "PGSHARD_BASE_URL", "pgshard_base_url", "str", "http://test",
+           "Base URL of the client fixtures' requests, e.g. http://test/api for an app mounted under /api."),
     Option("async_driver", None, "PGSHARD_ASYNC_DRIVER", "pgshard_async_driver", "str", "psycopg",
-           "Driver for async_db_session: psycopg or asyncpg."),
+           "Driver for async_db_session when the app has no async engine (set: overrides the app's): "
+           "psycopg or asyncpg."),
     Option("rebuild", "--pg-rebuild", "PGSHARD_REBUILD", "pgshard_rebuild", "bool", False,
            "Rebuild the template even when one with the same fingerprint exists."),
     Option("keep", "--pg-keep", "PGSHARD_KEEP", "pgshard_keep", "bool", False,
@@ -109,6 +112,7 @@ class Settings:
     sessionmaker: str | None = None
     engine: str | None = None
     redirect: tuple[str, ...] = ()
+    base_url: str = "http://test"
     async_driver: str = "psycopg"
     rebuild: bool = False
     keep: bool = False
@@ -255,6 +259,7 @@ def placeholders(url: str) -> dict[str, str]:
     return {
         "url": parsed.render_as_string(hide_password=False),
         "libpq_url": parsed.set(drivername="postgresql").render_as_string(hide_password=False),
+        "psycopg2_url": parsed.set(drivername="postgresql+psycopg2").render_as_string(hide_password=False),
         "async_url": parsed.set(drivername="postgresql+psycopg_async").render_as_string(hide_password=False),
         "asyncpg_url": parsed.set(drivername="postgresql+asyncpg").render_as_string(hide_password=False),
         "dbname": parsed.database or "",

@@ -1,0 +1,103 @@
+"""Per-test cost of ``db_session`` on the app's own engine against pgshard's engine (pg_engine), measured in
+one invocation with the two alternating round by round (ABBA order); medians of pytest's per-test durations.
+
+    python -m benchmarks.fidelity [--tests 200] [--rounds 5]
+
+The generated project is one sync app (psycopg, its engine built from DATABASE_URL as most apps do) and
+N tests that write through ``db_session``, commit (a savepoint release) and read back. "app engine" names
+the app's sessionmaker (pgshard_sessionmaker), so the tests connect through its engine; "pg_engine" does
+not, so they run on pgshard's own. Everything else is identical.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+
+APP = '''
+import os
+from sqlalchemy import String, create_engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+
+engine = create_engine(os.environ["DATABASE_URL"])
+SessionLocal = sessionmaker(bind=engine, expire_on_commit=False)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Thing(Base):
+    __tablename__ = "thing"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(50))
+'''
+
+TESTS = '''
+import pytest
+from sqlalchemy import func, select
+import app
+
+
+@pytest.mark.parametrize("n", range({tests}))
+def test_write_and_read(n, db_session):
+    db_session.add(app.Thing(name=f"t{{n}}"))
+    db_session.commit()
+    assert db_session.scalar(select(func.count()).select_from(app.Thing)) == 1
+'''
+
+INI = """
+[pytest]
+pgshard_migrate = metadata:app:Base
+pgshard_env = DATABASE_URL={{url}}
+pythonpath = .
+{extra}
+"""
+
+CONTENDERS = {"app engine": "pgshard_sessionmaker = app:SessionLocal", "pg_engine": ""}
+
+
+def _run_once(root: Path, extra: str) -> list[float]:
+    (root / "pytest.ini").write_text(INI.format(extra=extra))
+    out = root / "timer.json"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PGSHARD_", "PYTEST_"))}
+    env.update(BENCH_TIMER_OUT=str(out), PYTHONPATH=os.pathsep.join([str(Path(__file__).parent.parent), str(root)]))
+    subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:randomly", "-p", "no:cacheprovider",
+                    "-p", "benchmarks.timer"], cwd=root, env=env, check=True, capture_output=True)
+    data = json.loads(out.read_text())
+    if data["n_failed"]:
+        raise SystemExit(f"benchmark tests failed: {data['failed']}")
+    return list(data["test_seconds"])[1:]  # the first test also pays for the worker's clone
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tests", type=int, default=200)
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args(argv)
+    samples: dict[str, list[float]] = {name: [] for name in CONTENDERS}
+    with tempfile.TemporaryDirectory(prefix="pgshard-fidelity-") as tmp:
+        root = Path(tmp)
+        (root / "app.py").write_text(textwrap.dedent(APP))
+        (root / "test_bench.py").write_text(TESTS.format(tests=args.tests))
+        for round_ in range(args.rounds):
+            order = list(CONTENDERS.items())
+            for name, extra in order if round_ % 2 == 0 else order[::-1]:  # ABBA: neither always goes first
+                samples[name].extend(_run_once(root, extra))
+    load = Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").exists() else ["?"]
+    print(f"db_session per test, {args.tests} tests x {args.rounds} rounds, alternating; loadavg {' '.join(load)}")
+    for name, values in samples.items():
+        values.sort()
+        print(f"  {name:<11} median {statistics.median(values) * 1000:.2f} ms   "
+              f"p90 {values[int(len(values) * 0.9)] * 1000:.2f} ms   n={len(values)}")
+
+
+if __name__ == "__main__":
+    main()
