@@ -26,10 +26,12 @@ _INNER_ENV_DROP = ("PGSHARD_", "PYTEST_XDIST_", "PYTEST_ADDOPTS", "DATABASE_URL"
 
 @pytest.fixture(autouse=True)
 def _clean_inner_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Inner pytest sessions must not inherit this session's pgshard or xdist variables."""
+    """Inner pytest sessions must not inherit this session's pgshard or xdist variables. Servers they start
+    stop when they end (no linger) unless a test asks otherwise: assertions on "stopped" stay exact."""
     for name in list(os.environ):
         if name.startswith(_INNER_ENV_DROP):
             monkeypatch.delenv(name)
+    monkeypatch.setenv("PGSHARD_LINGER", "0")
 
 
 @pytest.fixture
@@ -131,6 +133,24 @@ class Project:
 def project(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> Project:
     monkeypatch.setenv("PGSHARD_TEST_COUNTER", str(pytester.path / "migrations-ran.txt"))
     return Project(pytester)
+
+
+def secret_of(url: str) -> str:
+    """The password of a pgshard URL: it lives only in the passfile the URL names."""
+    from sqlalchemy.engine import make_url
+
+    passfile = make_url(url).query["passfile"]
+    assert isinstance(passfile, str)
+    return Path(passfile).read_text().strip().rsplit(":", 1)[1]
+
+
+def with_password(url: str, password: str | None = None) -> str:
+    """The URL as a user would write it: the password inside, no passfile."""
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    query = {k: v for k, v in parsed.query.items() if k != "passfile"}
+    return parsed.set(password=password or secret_of(url), query=query).render_as_string(hide_password=False)
 
 
 def databases(conn: psycopg.Connection, like: str = "pgshard%") -> list[str]:

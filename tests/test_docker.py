@@ -188,7 +188,7 @@ def test_wait_until_ready_fails_at_once_on_a_wrong_password(pg_url: str) -> None
 
 
 def test_wait_until_ready_fails_at_once_on_a_missing_database(pg_url: str) -> None:
-    missing = pg_url.rsplit("/", 1)[0] + "/no_such_db"
+    missing = make_url(pg_url).set(database="no_such_db").render_as_string(hide_password=False)
     started = time.monotonic()
     with pytest.raises(ServerError, match="no_such_db"):
         wait_until_ready(missing, timeout=20)

@@ -151,6 +151,12 @@ class Admin:
         except psycopg.errors.ObjectInUse as exc:
             raise ServerError(f"cannot clone {template}: someone is connected to it ({exc.diag.message_detail or exc})"
                               ) from None
+        except (psycopg.errors.UndefinedFile, psycopg.errors.DataCorrupted, psycopg.errors.IoError) as exc:
+            if not template:
+                raise
+            raise ServerError(f"template {template} is damaged ({exc.diag.message_primary or exc}): rebuild it with "
+                              "--pg-rebuild, or on the embedded server remove its whole cache with "
+                              "`pgshard clean --server`") from None
         self.mark(name, marker)
         return time.perf_counter() - started
 

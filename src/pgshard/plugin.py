@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import os
+import sys
 from collections.abc import Callable, Generator, Iterator
 from typing import Any
 
@@ -21,6 +22,7 @@ from sqlalchemy.orm import Session
 from pgshard import redirect
 from pgshard.clones import Database
 from pgshard.fastapi import make_async_client, make_client, override_dependency
+from pgshard.lockfile import set_announcer
 from pgshard.migrate import MigrationError
 from pgshard.queries import QueryCounter
 from pgshard.run import HANDOFF, Run, summary_lines
@@ -61,6 +63,19 @@ def _is_worker_process() -> bool:
     return bool(os.environ.get("PYTEST_XDIST_WORKER"))
 
 
+def _announce_through(config: pytest.Config) -> None:
+    """Lines like "waiting for pid N (building template X)" reach the terminal even while pytest captures
+    output (and from xdist workers, whose stderr is the terminal's)."""
+    capture = config.pluginmanager.getplugin("capturemanager")
+
+    def announce(line: str) -> None:
+        with capture.global_and_fixture_disabled() if capture is not None else contextlib.nullcontext():
+            sys.stderr.write(line + "\n")
+            sys.stderr.flush()
+
+    set_announcer(announce)
+
+
 def _fail_usage(exc: Exception) -> pytest.UsageError:
     return pytest.UsageError(f"pgshard: {exc}")
 
@@ -71,6 +86,7 @@ def pytest_load_initial_conftests(early_config: pytest.Config, parser: pytest.Pa
     namespace = early_config.known_args_namespace
     if getattr(namespace, "help", False) or getattr(namespace, "version", False):
         return
+    _announce_through(early_config)
     try:
         settings = _settings(early_config, namespace)
         if settings.shard:  # a bad --shard is a usage error before any server starts
@@ -234,7 +250,7 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
     stats = config.stash.get(WORKER_STATS, [])
     if run.server is None and not stats:
         return
-    lines = summary_lines(run.server, stats, run.stale_dropped, run.timings.get("server"))
+    lines = summary_lines(run.server, stats, run.stale_dropped, run.timings.get("server"), run.notes)
     if lines:
         terminalreporter.write_sep("-", "pgshard")
         for line in lines:

@@ -7,6 +7,7 @@ here lets it be used (and tested) from plain Python, and keeps plugin.py free of
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
 import secrets
@@ -45,7 +46,7 @@ class Run:
     wants_commit_pool: bool = False
     shard_emptied: bool = False  # --shard deselected every collected test
     finished: set[str] = field(default_factory=set)  # databases this worker made and has dropped at its end
-    notes: list[str] = field(default_factory=list)  # said once in the summary (e.g. a command cache is blind)
+    notes: list[str] = field(default_factory=list)  # said once in the summary (a blind command cache, a repair)
     failure: Exception | None = None  # the worker's database could not be made
 
     # -- the server ----------------------------------------------------------------------------
@@ -60,6 +61,7 @@ class Run:
             self.lease = acquire(self.settings)
             atexit.register(self.stop_server)  # released even when pytest exits before unconfigure
             self.server = self.lease.info
+            self.notes.extend(self.lease.notes)
             self.timings["server"] = time.perf_counter() - started
             with Admin(self.server.url, self.settings.prefix) as admin:
                 self.stale_dropped = drop_stale(admin, self.settings.stale_ttl_hours)
@@ -106,7 +108,17 @@ class Run:
         """pgshard_env assignments for this worker's database (or another of this run's)."""
         if not self.settings.env or self.server is None:
             return {}
-        return env_assignments(self.settings.env, placeholders(self.database_url(name)))
+        return env_assignments(self.settings.env, placeholders(self.database_url(name), self._user_password()))
+
+    def _user_password(self) -> str | None:
+        """The password given in --pg-url, for ``{password}`` (pgshard's own URLs carry none)."""
+        if self.settings.server != "url" or not self.settings.url:
+            return None
+        from sqlalchemy.engine import make_url
+
+        with contextlib.suppress(Exception):
+            return str(make_url(self.settings.url).password or "")
+        return None
 
     # -- template and clones --------------------------------------------------------------------
     def ensure_template(self) -> TemplateResult:
@@ -219,9 +231,9 @@ def _server_line(server: ServerInfo, seconds: float | None) -> str:
 
 
 def summary_lines(server: ServerInfo | None, stats: list[dict[str, Any]], stale: list[str],
-                  server_seconds: float | None) -> list[str]:
+                  server_seconds: float | None, notes: list[str] | None = None) -> list[str]:
     """The terminal summary: server, template hit or miss, clone time per worker."""
-    lines: list[str] = []
+    lines: list[str] = list(notes or [])
     if server is not None:
         lines.append(_server_line(server, server_seconds))
     elif any("server" in s for s in stats):

@@ -1,6 +1,6 @@
 """The coordinator: exactly one process builds the template database; everyone else waits and reuses it.
 
-Two locks: a filelock serialises the processes of this machine (xdist workers, concurrent runs) without
+Two locks: a lock file serialises the processes of this machine (xdist workers, concurrent runs) without
 a connection each, and a PostgreSQL advisory lock serialises machines sharing one server (CI shards).
 The template's name is its fingerprint, and a template is built under a temporary name and renamed
 only when complete, then sealed: a half-built template can never be cloned.
@@ -16,12 +16,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from filelock import FileLock, Timeout
 from sqlalchemy.engine import make_url
 
 from pgshard import redirect
 from pgshard.admin import Admin, Marker
 from pgshard.build import BuildDatabases, apply_steps, build_name
+from pgshard.lockfile import HolderLock, LockError
 from pgshard.migrate import MigrationError, Migrator
 from pgshard.server.base import ServerError, ServerInfo
 from pgshard.settings import env_assignments, placeholders
@@ -86,7 +86,11 @@ class Template:
     def _lock_path(self) -> Path:
         parsed = make_url(self.server.url)
         server_key = hashlib.sha256(f"{parsed.host}:{parsed.port}:{parsed.query}".encode()).hexdigest()[:8]
-        self.lock_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.lock_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ServerError(f"cannot create {self.lock_dir}: {exc.strerror or exc}; set pgshard_cache_dir "
+                              "(PGSHARD_CACHE_DIR) to a writable directory of your own") from None
         return self.lock_dir / f"{server_key}-{self.name}.lock"
 
     def _usable(self) -> bool:
@@ -101,12 +105,12 @@ class Template:
     def ensure(self) -> TemplateResult:
         name = self.name
         started = time.perf_counter()
-        lock = FileLock(str(self._lock_path()), timeout=1800)
+        # removed when done (one file per fingerprint would pile up); a waiter past a few seconds says who builds
+        lock = HolderLock(self._lock_path(), f"checking or building template {name}", timeout=1800, remove=True)
         try:
             lock.acquire()
-        except Timeout:
-            raise ServerError(f"waited 30 min for another process building {name} ({lock.lock_file}); "
-                              "if none runs, delete that file") from None
+        except LockError as exc:
+            raise ServerError(str(exc)) from None
         try:
             with self.admin.advisory_lock(name):
                 waited = time.perf_counter() - started
