@@ -160,6 +160,17 @@ class Admin:
         self.mark(name, marker)
         return time.perf_counter() - started
 
+    def files_missing(self, name: str) -> bool:
+        """Whether the database's directory is gone from the data directory (a damaged cache: cloning it
+        "succeeds" and every connection then fails). Needs pg_stat_file, which a plain role may not call:
+        then we cannot tell, and say no."""
+        try:
+            row = self.conn.execute("SELECT (pg_stat_file('base/' || oid, true)).isdir FROM pg_database "
+                                    "WHERE datname = %s", (name,)).fetchone()
+        except psycopg.errors.InsufficientPrivilege:
+            return False
+        return row is not None and row[0] is None
+
     def mark(self, name: str, marker: Marker) -> None:
         self.conn.execute(sql.SQL("COMMENT ON DATABASE {} IS {}").format(sql.Identifier(name),
                                                                          sql.Literal(marker.render())))

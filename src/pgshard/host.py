@@ -119,4 +119,5 @@ def identity_alive(identity: str) -> bool:
     pid_text, _, start = identity.strip().partition(":")
     if not pid_text.isdigit() or not pid_alive(int(pid_text)):
         return False
-    return not start or process_start(int(pid_text)) in (None, start)
+    # no start time recorded: trusted only where /proc cannot tell (else any live stranger would count)
+    return process_start(int(pid_text)) in (None, start) if start else process_start(int(pid_text)) is None

@@ -260,11 +260,32 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(
         item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, pytest.TestReport, pytest.TestReport]:
-    """A SandboxError is advice, not a bug: show its one line instead of SQLAlchemy's stack."""
+    """A SandboxError is advice, not a bug: show its one line instead of SQLAlchemy's stack. And no report
+    (terminal, -rA, junit XML) shows a password of ours: URLs carry none, but a driver that reads the
+    passfile itself (asyncpg) keeps the password in objects that --showlocals prints."""
     report = yield
     if call.excinfo is not None and call.excinfo.errisinstance(SandboxError):
         report.longrepr = f"pgshard: {call.excinfo.value}"
+    if report.longrepr is not None or report.sections:
+        _scrub(report, item.config.stash[RUN].secrets())
     return report
+
+
+def _scrub(report: pytest.TestReport, secrets: list[str]) -> None:
+    if not secrets:
+        return
+    if report.longrepr is not None:
+        text = str(report.longrepr)
+        if any(secret in text for secret in secrets):
+            for secret in secrets:
+                text = text.replace(secret, "***")
+            report.longrepr = text
+    sections = []
+    for title, content in report.sections:
+        for secret in secrets:
+            content = content.replace(secret, "***")
+        sections.append((title, content))
+    report.sections = sections
 
 
 # -- fixtures: server, template, databases ----------------------------------------------------------------

@@ -22,7 +22,7 @@ from pgshard.clones import Clones, CloneTimes, Database, drop_stale, worker_data
 from pgshard.host import default_cache_dir
 from pgshard.migrate import blind_commands, hash_globs, parse_migrators
 from pgshard.server import ServerLease, acquire
-from pgshard.server.base import ServerError, ServerInfo
+from pgshard.server.base import ServerError, ServerInfo, passfile_secrets
 from pgshard.settings import Settings, env_assignments, mask_url, placeholders
 from pgshard.template import Template, TemplateResult, database_url
 
@@ -48,6 +48,7 @@ class Run:
     finished: set[str] = field(default_factory=set)  # databases this worker made and has dropped at its end
     notes: list[str] = field(default_factory=list)  # said once in the summary (a blind command cache, a repair)
     failure: Exception | None = None  # the worker's database could not be made
+    _secrets: list[str] | None = field(default=None, repr=False)
 
     # -- the server ----------------------------------------------------------------------------
     @staticmethod
@@ -93,6 +94,15 @@ class Run:
             return None
         server = ServerInfo(data["url"], data["source"], data["version"], int(data["major"]), bool(data["fsync"]))
         return cls(settings, data["run_id"], worker_id, server=server)
+
+    def secrets(self) -> list[str]:
+        """The passwords this run's URLs reach through their passfile (and --pg-url's), to mask in reports."""
+        if self.server is None:
+            return []
+        if self._secrets is None:
+            found = [*passfile_secrets(self.server.url), self._user_password() or ""]
+            self._secrets = sorted({s for s in found if len(s) >= 4}, key=len, reverse=True)
+        return self._secrets
 
     # -- names and env -------------------------------------------------------------------------
     @property
@@ -200,9 +210,12 @@ class Run:
     def finish(self) -> None:
         """Drop this worker's clones (or keep them, with --pg-keep)."""
         if self.clones is not None:
-            self.finished.update(self.clones.created)
-            self.kept = self.clones.close(keep=self.settings.keep)
-            self.clones = None
+            clones, self.clones = self.clones, None
+            self.finished.update(clones.created)
+            try:
+                self.kept = clones.close(keep=self.settings.keep)
+            except ServerError as exc:  # the server went away mid-run: say so once, at the end
+                self.notes.append(f"could not drop this run's databases: {exc}")
 
     # -- reporting --------------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
@@ -233,7 +246,10 @@ def _server_line(server: ServerInfo, seconds: float | None) -> str:
 def summary_lines(server: ServerInfo | None, stats: list[dict[str, Any]], stale: list[str],
                   server_seconds: float | None, notes: list[str] | None = None) -> list[str]:
     """The terminal summary: server, template hit or miss, clone time per worker."""
-    lines: list[str] = list(notes or [])
+    lines: list[str] = []
+    for note in [*(notes or []), *(str(n) for s in stats for n in s.get("notes", []))]:
+        if note not in lines:  # once per run, not once per worker
+            lines.append(note)
     if server is not None:
         lines.append(_server_line(server, server_seconds))
     elif any("server" in s for s in stats):

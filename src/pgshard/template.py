@@ -100,7 +100,13 @@ class Template:
         if found.allow_connections or not found.is_template:
             return False
         # --pg-rebuild: rebuilt once per run, then reused by this run's other workers
-        return not self.rebuild or found.marker.run == self.run_id
+        if self.rebuild and found.marker.run != self.run_id:
+            return False
+        if self.admin.files_missing(self.name):
+            raise ServerError(f"template {self.name} is damaged (its files are gone from the data directory): "
+                              "rebuild it with --pg-rebuild, or on the embedded server remove its whole cache "
+                              "with `pgshard clean --server`")
+        return True
 
     def ensure(self) -> TemplateResult:
         name = self.name

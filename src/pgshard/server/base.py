@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -168,8 +169,26 @@ def without_password(url: str, cache_dir: Path) -> str:
     with os.fdopen(fd, "w") as handle:  # any host/port/database: only URLs naming this file reach for it
         handle.write(f"*:*:*:{_pgpass_escape(user) or '*'}:{_pgpass_escape(password)}\n")
     os.replace(tmp, path)
-    stripped = parsed.set(password=None).update_query_dict({"passfile": str(path)})
+    # URL.set(password=None) means "unchanged": replace the field itself
+    stripped = parsed._replace(password=None).update_query_dict({"passfile": str(path)})
     return stripped.render_as_string(hide_password=False)
+
+
+def passfile_secrets(url: str) -> list[str]:
+    """The passwords in the passfile ``url`` names (to mask wherever a driver may have copied them)."""
+    passfile = make_url(url).query.get("passfile")
+    if not isinstance(passfile, str):
+        return []
+    try:
+        lines = Path(passfile).read_text().splitlines()
+    except OSError:
+        return []
+    found = []
+    for line in lines:
+        fields = re.split(r"(?<!\\):", line, maxsplit=4)
+        if len(fields) == 5:
+            found.append(fields[4].replace("\\:", ":").replace("\\\\", "\\"))
+    return found
 
 
 def _pgpass_escape(value: str) -> str:

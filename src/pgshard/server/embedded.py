@@ -279,6 +279,11 @@ class EmbeddedServer:
             self._run([str(self.bindir / "initdb"), "-D", str(self.datadir), "-U", SUPERUSER,
                        "--auth=scram-sha-256", f"--pwfile={pwfile}", "-E", "UTF8", "--locale=C",
                        "--no-sync", "--no-instructions"])
+        except ServerError as exc:
+            if "No space left" not in str(exc):
+                raise
+            raise ServerError(f"{exc}; free space in {self._cache} or set pgshard_cache_dir (PGSHARD_CACHE_DIR) "
+                              "to a larger filesystem") from None
         finally:
             pwfile.unlink(missing_ok=True)
         with (self.datadir / "postgresql.conf").open("a") as conf:
