@@ -512,3 +512,34 @@ def test_a_lock_held_by_a_dead_process_is_taken_at_once(tmp_path: Path) -> None:
     assert lock.acquire() < 5
     assert (holder(path) or {}).get("identity") == process_identity()
     lock.release()
+
+
+def test_a_run_waiting_for_another_runs_template_build_says_who_builds_it(
+        project: Project, cache: Path, tmp_path: Path) -> None:
+    started = tmp_path / "build-started"
+    project.pytester.makepyfile(slow_seed=f'''
+        import time
+        from pathlib import Path
+
+        def main(url):
+            Path({str(started)!r}).touch()
+            time.sleep(8)
+    ''')
+    project.pytester.makeini("[pytest]\npgshard_migrate =\n    alembic:alembic.ini\n    python:slow_seed:main\n"
+                             "pythonpath = .\n")
+    project.pytester.makepyfile(test_one=ONE_DB_TEST)
+    env = {**os.environ, "PGSHARD_CACHE_DIR": str(cache)}
+    command = [sys.executable, "-m", "pytest", "-p", "no:randomly", "-p", "no:cacheprovider"]
+    builder = subprocess.Popen(command, cwd=project.root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True)
+    try:
+        wait_until(started.exists, 180, "the first run's template build starting")
+        waiter = subprocess.run(command, cwd=project.root, env=env, capture_output=True, text=True, timeout=600,
+                                check=False)
+        said = [line for line in (waiter.stdout + waiter.stderr).splitlines() if "waiting for pid" in line]
+        assert waiter.returncode == 0, waiter.stdout[-3000:]
+        assert len(said) == 1
+        assert f"waiting for pid {builder.pid} (checking or building template pgshard_tpl_" in said[0]
+    finally:
+        out, _ = builder.communicate(timeout=600)
+    assert builder.returncode == 0, out[-3000:]

@@ -402,10 +402,11 @@ def cmd_server_stop(args: argparse.Namespace, settings: Settings) -> int:
     if server.running_port() is None:
         print(f"{server.source}: not running")
         return EXIT_OK
-    if server.release():
+    users = server.stop_unless_used()  # now, whatever the linger: the user asked for it
+    if not users:
         print(f"{server.source}: stopped")
         return EXIT_OK
-    pids = ", ".join(_leases(server.status()))
+    pids = ", ".join(users)
     print(f"{server.source}: no longer persistent; still used by pids {pids}, it stops when the last one ends")
     return EXIT_OK
 

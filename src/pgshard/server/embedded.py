@@ -461,11 +461,22 @@ class EmbeddedServer:
             self.stop()
             return True
 
+    def stop_unless_used(self) -> list[str]:
+        """Stop the server now unless other processes hold leases on it; returns their pids."""
+        with self._locked():
+            users = self._other_users()
+            if not users:
+                self.stop()
+            return users
+
+    def _other_users(self) -> list[str]:
+        return [lease.name for lease in self._live_leases() if lease.name != str(os.getpid())]
+
     def remove(self) -> None:
         """``pgshard clean --server``: stop the server and delete its whole home (data, templates, passfile).
         Refused while another process uses it."""
         with self._locked():
-            users = [lease.name for lease in self._live_leases() if lease.name != str(os.getpid())]
+            users = self._other_users()
             if users:
                 raise ServerError(f"the embedded server at {self.home} is in use by pids {', '.join(users)}; "
                                   "let those runs end first")
