@@ -6,6 +6,7 @@ repository does not configure pgshard); the plugin tests run whole inner pytest 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import textwrap
 import uuid
@@ -40,6 +41,29 @@ def admin_conn(pg_server: ServerInfo) -> Iterator[psycopg.Connection]:
         yield conn
 
 
+def remove_cache(cache: Path) -> None:
+    """Stop every server of ours under ``cache``, remove it, and check its watchdogs ended with it: a test
+    leaves no process behind."""
+    import shutil
+    import time
+
+    from pgshard.host import identity_alive
+    from pgshard.leases import Cluster
+
+    watchdogs = []
+    for home in [*cache.glob("pg*-*"), *cache.glob("*/pg*-*")]:
+        if home.is_dir():
+            Cluster(home, home.with_suffix(".lock")).stop()
+            with contextlib.suppress(OSError):
+                watchdogs.append((home / "watchdog").read_text())
+    shutil.rmtree(cache, ignore_errors=True)
+    deadline = time.monotonic() + 60
+    while any(identity_alive(w) for w in watchdogs):
+        if time.monotonic() > deadline:
+            pytest.fail(f"a watchdog outlived its server's cache {cache}: {watchdogs}")
+        time.sleep(0.1)
+
+
 @pytest.fixture(scope="session")
 def second_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerInfo]:
     """A server of its own (own cache dir), standing in for a user's existing server behind --pg-url."""
@@ -49,9 +73,7 @@ def second_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerIn
     info = server.acquire()
     yield info
     server.release()
-    import shutil
-
-    shutil.rmtree(cache, ignore_errors=True)
+    remove_cache(cache)
 
 
 MIGRATION = '''

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -28,7 +27,7 @@ from pgshard.cli import main
 from pgshard.host import host_identity
 from pgshard.server.base import ServerInfo, to_libpq
 from pgshard.server.embedded import EmbeddedServer
-from tests.conftest import Project, databases, secret_of
+from tests.conftest import Project, databases, remove_cache, secret_of
 
 PGSHARD = Path(sys.executable).parent / "pgshard"  # the console script of this environment
 
@@ -251,7 +250,7 @@ def test_the_console_script_runs_status_and_fails_cleanly(ours: Fixture) -> None
                          capture_output=True, text=True, env=env)
     assert bad.returncode == 2
     assert "Traceback" not in bad.stderr and "s3cr3t-pw" not in bad.stderr
-    assert len(bad.stderr.splitlines()) == 1 and "someone:***@127.0.0.1:1" in bad.stderr
+    assert len(bad.stderr.splitlines()) == 1 and "someone@127.0.0.1:1" in bad.stderr
 
 
 def test_settings_come_from_the_projects_pytest_ini(ours: Fixture, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -272,10 +271,7 @@ def own_cache(tmp_path: Path) -> Iterator[Path]:
     """A cache dir (so an embedded server) of our own: the suite's shared server must not be disturbed."""
     cache = Path("/dev/shm" if Path("/dev/shm").is_dir() else tmp_path) / f"pgshard-test-{uuid.uuid4().hex[:8]}"
     yield cache
-    server = EmbeddedServer(cache_dir=cache) if cache.exists() else None
-    if server is not None and server.running_port() is not None:
-        server.stop()
-    shutil.rmtree(cache, ignore_errors=True)
+    remove_cache(cache)
 
 
 def _pgshard(*args: str) -> subprocess.CompletedProcess[str]:

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pgshard.host import identity_alive, pid_alive, process_identity
-from pgshard.lockfile import HolderLock
+from pgshard.lockfile import HolderLock, LockError, LockTimeout
 
 WATCH_INTERVAL = 1.0  # seconds between the watchdog's checks
 _SPAWNED: list[subprocess.Popen[bytes]] = []  # kept referenced: no ResourceWarning, reaped by subprocess
@@ -140,28 +140,39 @@ class Cluster:
         _SPAWNED.append(proc)
         self.watchdog_file.write_text(process_identity(proc.pid))
 
-    def watch(self, interval: float = WATCH_INTERVAL) -> str:
-        """The watchdog's loop; returns why it ended."""
+    def watch(self, interval: float = WATCH_INTERVAL, give_up: float = 300) -> str:
+        """The watchdog's loop; returns why it ended. It never outlives its job: it ends when its home is
+        removed, when it is replaced, and after ``give_up`` seconds of errors in a row."""
         me = process_identity()
         idle_since: float | None = None
+        failing_since: float | None = None
         while True:
             time.sleep(interval)
+            if not self.home.is_dir():  # pgshard clean --server, or a test's cache removed
+                return "home removed"
             try:
                 with self.lock:
                     try:
                         if self.watchdog_file.read_text() != me:
                             return "replaced"
-                    except OSError:  # its home was removed (pgshard clean --server)
+                    except OSError:
                         return "replaced"
                     since = time.monotonic() if idle_since is None else idle_since
                     why = self._watch_step(since)
+                    failing_since = None
                     if why in ("busy", "idle"):
                         idle_since = None if why == "busy" else since
                         continue
                     self.watchdog_file.unlink(missing_ok=True)
                     return why
-            except Exception:  # a slow stop, a lock held long: try again on the next tick
+            except LockTimeout:
                 continue
+            except LockError:  # the lock file cannot be opened: nothing left to watch over
+                return "lock unusable"
+            except Exception:  # a slow stop, a lock held long: try again on the next tick, for a while
+                failing_since = failing_since or time.monotonic()
+                if time.monotonic() - failing_since > give_up:
+                    return "giving up"
 
     def _watch_step(self, idle_since: float) -> str:
         if self.postmaster() is None:

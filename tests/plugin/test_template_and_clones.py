@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy.engine import make_url
 
 from pgshard.server.base import ServerInfo, to_libpq
-from tests.conftest import Project, databases
+from tests.conftest import Project, databases, remove_cache
 
 TWENTY_TESTS = '''
 import json, os, pytest
@@ -118,9 +118,7 @@ def test_server_started_for_the_run_is_stopped_after_it(project: Project, out_fi
         assert project.migrations_ran() == 2
         assert not _postmasters_for(str(cache))
     finally:
-        import shutil
-
-        shutil.rmtree(cache, ignore_errors=True)
+        remove_cache(cache)
 
 
 def test_external_server_by_url_never_touches_the_named_database(

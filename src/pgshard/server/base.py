@@ -160,7 +160,8 @@ def without_password(url: str, cache_dir: Path) -> str:
     user = parsed.username or ""
     directory = cache_dir / "passfiles"
     try:
-        ensure_private_dir(cache_dir, 0o700, "pgshard_cache_dir (PGSHARD_CACHE_DIR)")
+        # as root the embedded server's account must traverse the cache dir later: made as it would make it
+        ensure_private_dir(cache_dir, 0o711 if os.geteuid() == 0 else 0o700, "pgshard_cache_dir (PGSHARD_CACHE_DIR)")
         ensure_private_dir(directory, 0o700, "pgshard_cache_dir (PGSHARD_CACHE_DIR)")
     except UnsafeDirectory as exc:
         raise ServerError(str(exc)) from None
