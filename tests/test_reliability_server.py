@@ -405,6 +405,30 @@ def test_a_missing_pg_control_recreates_the_cluster_with_one_line(
     assert (server.datadir / "global" / "pg_control").is_file()
 
 
+DAMAGES: dict[str, Callable[[EmbeddedServer], None]] = {
+    "its passfile is missing": lambda server: server.passfile.unlink(),
+    "its passfile does not match the cluster": lambda server: server.passfile.write_text("*:*:*:pgshard:wrong\n"),
+    "syntax error in file": lambda server: (server.datadir / "postgresql.conf").open("a").write("not = valid ;;\n"),
+    "pg_wal is missing": lambda server: shutil.rmtree(server.datadir / "pg_wal"),
+}
+
+
+@pytest.mark.parametrize("reason", list(DAMAGES))
+def test_a_damaged_cluster_is_recreated_with_one_note(reason: str, cache: Path) -> None:
+    server = EmbeddedServer(cache_dir=cache)
+    server.acquire()
+    assert server.release() is True
+    DAMAGES[reason](server)
+    again = EmbeddedServer(cache_dir=cache)
+    info = again.acquire()
+    try:
+        assert len(again.notes) == 1 and reason in again.notes[0] and "re-created it" in again.notes[0]
+        with psycopg.connect(to_libpq(info.url)) as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+    finally:
+        again.release()
+
+
 def test_a_damaged_template_names_pgshard_clean_server_which_repairs_it(
         project: Project, cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PGSHARD_CACHE_DIR", str(cache))

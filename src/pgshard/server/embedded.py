@@ -372,9 +372,10 @@ class EmbeddedServer:
         return self.cluster.live_leases()
 
     def _repair(self, reason: str) -> None:
-        """The data directory is a cache: re-create it, and say so once."""
+        """The data directory is a cache: re-create it (its server stopped first), and say so once."""
         self.notes.append(f"the embedded server's data directory {self.datadir} was damaged ({reason}); "
                           "re-created it (templates are rebuilt on first use)")
+        self.stop()
         self._initdb()
 
     def _ensure_running(self) -> int:
@@ -393,25 +394,46 @@ class EmbeddedServer:
             self._repair(cause.group(0))
             return self._start()
 
+    def _ready_port(self) -> int:
+        """Under the lock: our files in place, the cluster initialised (or repaired), the server running."""
+        if self.leases.exists() and not self.leases.is_dir():
+            self.leases.unlink()
+        self.leases.mkdir(exist_ok=True)
+        self._prepare_binaries()
+        if not self._initialised():
+            if (self.datadir / "PG_VERSION").is_file():
+                self._repair("its passfile is missing")
+            else:
+                self._initdb()
+        return self._ensure_running()
+
     def acquire(self) -> ServerInfo:
         """Make sure the server runs and record that this process uses it."""
         self._prepare_home()
-        with self._locked():
-            self.leases.mkdir(exist_ok=True)
-            self._prepare_binaries()
-            if not self._initialised():
-                self._initdb()
-            port = self._ensure_running()
-            self.cluster.add_lease()
-            key = (str(self.home), os.getpid())
-            _HELD[key] = _HELD.get(key, 0) + 1
-            if not self.cluster.persistent:  # stops it should this run be killed before it can
-                self.cluster.ensure_watchdog(self.linger)
-        try:
-            return describe(self.url(port), self.source)
-        except ServerError:
-            self.release()
-            raise
+        for attempt in (1, 2):
+            with self._locked():
+                try:
+                    port = self._ready_port()
+                    self.cluster.add_lease()
+                    if not self.cluster.persistent:  # stops it should this run be killed before it can
+                        self.cluster.ensure_watchdog(self.linger)
+                except OSError as exc:
+                    raise ServerError(f"cannot use the embedded server's files in {self.home}: "
+                                      f"{exc.strerror or exc} ({exc.filename}); `pgshard clean --server` "
+                                      "re-creates them, or set pgshard_cache_dir (PGSHARD_CACHE_DIR)") from None
+                key = (str(self.home), os.getpid())
+                _HELD[key] = _HELD.get(key, 0) + 1
+            try:
+                return describe(self.url(port), self.source)
+            except ServerError as exc:
+                self.release()
+                if attempt == 2 or "password authentication failed" not in str(exc):
+                    raise
+                with self._locked():  # the passfile does not match the cluster: both are our cache
+                    if self._other_users():
+                        raise
+                    self._repair("its passfile does not match the cluster")
+        raise AssertionError("unreachable")
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
@@ -507,6 +529,7 @@ class EmbeddedServer:
 
 # Log lines of a start that failed because the cache itself is damaged (re-creating it is the cure)
 _CACHE_DAMAGE = re.compile(r"could not open file \"global/pg_control\"[^;]*|incorrect checksum in control file|"
+                           r"syntax error in file \"[^\"]*\.conf\"|configuration file \"[^\"]*\" contains errors|"
                            r"database files are incompatible with server|could not locate a valid checkpoint "
                            r"record|invalid data in file \"[^\"]+\"|is not a valid data directory")
 
