@@ -21,7 +21,7 @@ from sqlalchemy.engine import make_url
 from pgshard.host import pid_alive, process_identity
 from pgshard.server.base import ServerError, to_libpq
 from pgshard.server.embedded import EmbeddedServer
-from pgshard.settings import resolve
+from pgshard.settings import SettingsError, resolve
 from tests.conftest import Project, remove_cache, secret_of
 
 PGSHARD = str(Path(sys.executable).with_name("pgshard"))
@@ -374,6 +374,9 @@ def test_linger_defaults_to_a_local_loop_and_to_zero_under_ci(tmp_path: Path) ->
     assert linger({"CI": "false"}) >= 60
     assert linger({"CI": "true"}) == 0
     assert linger({"CI": "true", "PGSHARD_LINGER": "30"}) == 30
+    for bad in ("-1", "soon"):
+        with pytest.raises(SettingsError, match="PGSHARD_LINGER must"):
+            linger({"PGSHARD_LINGER": bad})
 
 
 def test_a_persistent_server_is_left_to_pgshard_server_stop(cache: Path) -> None:

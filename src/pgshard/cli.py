@@ -218,6 +218,8 @@ def status_lines(target: Target, settings: Settings, entries: Sequence[Entry]) -
             running = "no: started for this command, stopped again after it"
         elif state["persistent"]:
             running = "yes, persistent (`pgshard server stop` to stop it)"
+        elif target.embedded.linger:
+            running = f"yes, started by a run; stops {target.embedded.linger} s after the last one ends"
         else:
             running = "yes, started by a run; stops when the last one ends"
         if others:
