@@ -214,7 +214,9 @@ def status_lines(target: Target, settings: Settings, entries: Sequence[Entry]) -
     if target.embedded is not None:
         state = target.embedded.status()
         others = [pid for pid in _leases(state) if pid != str(os.getpid())]
-        if target.started_here:
+        if target.started_here and target.embedded.linger:
+            running = f"no: started for this command; stops {target.embedded.linger} s after it (pgshard_linger)"
+        elif target.started_here:
             running = "no: started for this command, stopped again after it"
         elif state["persistent"]:
             running = "yes, persistent (`pgshard server stop` to stop it)"
