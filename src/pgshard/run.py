@@ -247,9 +247,6 @@ def summary_lines(server: ServerInfo | None, stats: list[dict[str, Any]], stale:
                   server_seconds: float | None, notes: list[str] | None = None) -> list[str]:
     """The terminal summary: server, template hit or miss, clone time per worker."""
     lines: list[str] = []
-    for note in [*(notes or []), *(str(n) for s in stats for n in s.get("notes", []))]:
-        if note not in lines:  # once per run, not once per worker
-            lines.append(note)
     if server is not None:
         lines.append(_server_line(server, server_seconds))
     elif any("server" in s for s in stats):
@@ -272,7 +269,8 @@ def summary_lines(server: ServerInfo | None, stats: list[dict[str, Any]], stale:
     if commits:
         waits = [float(s["commit_wait_ms"]) for s in stats if "commit_wait_ms" in s]
         lines.append(f"db_commit clones: {commits}, median wait {statistics.median(waits):.1f} ms")
-    lines += dict.fromkeys(note for s in stats for note in s.get("notes", []))  # once, not once per worker
+    # once, not once per worker; the controller's own too (a repaired server cache)
+    lines += dict.fromkeys([*(notes or []), *(note for s in stats for note in s.get("notes", []))])
     kept = [url for s in stats for url in s.get("kept", [])]
     if kept:
         lines.append("kept (--pg-keep; drop with `pgshard clean`): " + ", ".join(kept))
