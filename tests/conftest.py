@@ -6,6 +6,7 @@ repository does not configure pgshard); the plugin tests run whole inner pytest 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import textwrap
 import uuid
@@ -26,16 +27,41 @@ _INNER_ENV_DROP = ("PGSHARD_", "PYTEST_XDIST_", "PYTEST_ADDOPTS", "DATABASE_URL"
 
 @pytest.fixture(autouse=True)
 def _clean_inner_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Inner pytest sessions must not inherit this session's pgshard or xdist variables."""
+    """Inner pytest sessions must not inherit this session's pgshard or xdist variables. Servers they start
+    stop when they end (no linger) unless a test asks otherwise: assertions on "stopped" stay exact."""
     for name in list(os.environ):
         if name.startswith(_INNER_ENV_DROP):
             monkeypatch.delenv(name)
+    monkeypatch.setenv("PGSHARD_LINGER", "0")
 
 
 @pytest.fixture
 def admin_conn(pg_server: ServerInfo) -> Iterator[psycopg.Connection]:
     with psycopg.connect(to_libpq(pg_server.url), autocommit=True) as conn:
         yield conn
+
+
+def remove_cache(cache: Path) -> None:
+    """Stop every server of ours under ``cache``, remove it, and check its watchdogs ended with it: a test
+    leaves no process behind."""
+    import shutil
+    import time
+
+    from pgshard.host import identity_alive
+    from pgshard.leases import Cluster
+
+    watchdogs = []
+    for home in [*cache.glob("pg*-*"), *cache.glob("*/pg*-*")]:
+        if home.is_dir():
+            Cluster(home, home.with_suffix(".lock")).stop()
+            with contextlib.suppress(OSError):
+                watchdogs.append((home / "watchdog").read_text())
+    shutil.rmtree(cache, ignore_errors=True)
+    deadline = time.monotonic() + 60
+    while any(identity_alive(w) for w in watchdogs):
+        if time.monotonic() > deadline:
+            pytest.fail(f"a watchdog outlived its server's cache {cache}: {watchdogs}")
+        time.sleep(0.1)
 
 
 @pytest.fixture(scope="session")
@@ -47,9 +73,7 @@ def second_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerIn
     info = server.acquire()
     yield info
     server.release()
-    import shutil
-
-    shutil.rmtree(cache, ignore_errors=True)
+    remove_cache(cache)
 
 
 MIGRATION = '''
@@ -131,6 +155,24 @@ class Project:
 def project(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> Project:
     monkeypatch.setenv("PGSHARD_TEST_COUNTER", str(pytester.path / "migrations-ran.txt"))
     return Project(pytester)
+
+
+def secret_of(url: str) -> str:
+    """The password of a pgshard URL: it lives only in the passfile the URL names."""
+    from sqlalchemy.engine import make_url
+
+    passfile = make_url(url).query["passfile"]
+    assert isinstance(passfile, str)
+    return Path(passfile).read_text().strip().rsplit(":", 1)[1]
+
+
+def with_password(url: str, password: str | None = None) -> str:
+    """The URL as a user would write it: the password inside, no passfile."""
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    query = {k: v for k, v in parsed.query.items() if k != "passfile"}
+    return parsed.set(password=password or secret_of(url), query=query).render_as_string(hide_password=False)
 
 
 def databases(conn: psycopg.Connection, like: str = "pgshard%") -> list[str]:

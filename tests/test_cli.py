@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -21,13 +20,14 @@ from typing import Any
 import psycopg
 import pytest
 from psycopg import sql
+from sqlalchemy.engine import make_url
 
 from pgshard.admin import Admin, Marker
 from pgshard.cli import main
 from pgshard.host import host_identity
 from pgshard.server.base import ServerInfo, to_libpq
 from pgshard.server.embedded import EmbeddedServer
-from tests.conftest import Project, databases
+from tests.conftest import Project, databases, remove_cache, secret_of
 
 PGSHARD = Path(sys.executable).parent / "pgshard"  # the console script of this environment
 
@@ -117,8 +117,7 @@ def test_status_lists_templates_and_clones_with_their_owners(ours: Fixture,
     result = ours.cli(capsys, "status")
     assert result.ret == 0, result.err
     out = result.out
-    password = str(ours.url.split(":")[2].split("@")[0])
-    assert password not in out and "pgshard:***@" in out
+    assert secret_of(ours.url) not in out and "pgshard@127.0.0.1" in out
     assert f"prefix:   {ours.prefix}" in out
     template_line = next(line for line in out.splitlines() if line.strip().startswith(template))
     assert ours.fingerprint in template_line and " MB" in template_line and "r0" in template_line
@@ -201,7 +200,7 @@ def test_clean_all_spares_live_runs_open_connections_and_unmarked_databases(
     unmarked = ours.make_unmarked("mine")
     foreign_comment = ours.make_unmarked("commented", comment="production copy, do not drop")
 
-    looked_at_url = ours.url.rsplit("/", 1)[0] + "/" + looked_at
+    looked_at_url = make_url(ours.url).set(database=looked_at).render_as_string(hide_password=False)
     with psycopg.connect(to_libpq(looked_at_url), autocommit=True):  # someone in psql on a kept clone
         result = ours.cli(capsys, "clean", "--all")
         assert result.ret == 0, result.err
@@ -251,7 +250,7 @@ def test_the_console_script_runs_status_and_fails_cleanly(ours: Fixture) -> None
                          capture_output=True, text=True, env=env)
     assert bad.returncode == 2
     assert "Traceback" not in bad.stderr and "s3cr3t-pw" not in bad.stderr
-    assert len(bad.stderr.splitlines()) == 1 and "someone:***@127.0.0.1:1" in bad.stderr
+    assert len(bad.stderr.splitlines()) == 1 and "someone@127.0.0.1:1" in bad.stderr
 
 
 def test_settings_come_from_the_projects_pytest_ini(ours: Fixture, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -272,10 +271,7 @@ def own_cache(tmp_path: Path) -> Iterator[Path]:
     """A cache dir (so an embedded server) of our own: the suite's shared server must not be disturbed."""
     cache = Path("/dev/shm" if Path("/dev/shm").is_dir() else tmp_path) / f"pgshard-test-{uuid.uuid4().hex[:8]}"
     yield cache
-    server = EmbeddedServer(cache_dir=cache) if cache.exists() else None
-    if server is not None and server.running_port() is not None:
-        server.stop()
-    shutil.rmtree(cache, ignore_errors=True)
+    remove_cache(cache)
 
 
 def _pgshard(*args: str) -> subprocess.CompletedProcess[str]:
@@ -298,7 +294,7 @@ def test_server_start_is_used_by_runs_which_leave_it_running_until_stop(
     status = _server_status()
     assert status["running"] is True and status["persistent"] is True and status["leases"] == []
     port = status["port"]
-    assert f"127.0.0.1:{port}/postgres" in started.stdout and "pgshard:***@" in started.stdout
+    assert f"pgshard@127.0.0.1:{port}/postgres" in started.stdout
 
     project.pytester.makepyfile(test_one="def test_one(pg_database):\n    pass\n")
     result = project.run("-n", "2")

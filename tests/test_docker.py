@@ -22,6 +22,7 @@ from pgshard.server import docker as docker_mod
 from pgshard.server.base import ServerError, ServerInfo, mask_url, to_libpq, wait_until_ready
 from pgshard.server.docker import DEFAULT_URL, DockerComposeServer, default_project_name
 from pgshard.server.embedded import EmbeddedServer
+from tests.conftest import remove_cache
 
 REPO = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = REPO / "docker-compose.test.yml"
@@ -161,7 +162,7 @@ def test_wait_until_ready_waits_for_a_server_that_is_still_starting(monkeypatch:
     finally:
         starter.join()
         server.release()
-        shutil.rmtree(cache, ignore_errors=True)
+        remove_cache(cache)
 
 
 def test_wait_until_ready_on_a_closed_port_times_out_with_the_password_masked() -> None:
@@ -188,7 +189,7 @@ def test_wait_until_ready_fails_at_once_on_a_wrong_password(pg_url: str) -> None
 
 
 def test_wait_until_ready_fails_at_once_on_a_missing_database(pg_url: str) -> None:
-    missing = pg_url.rsplit("/", 1)[0] + "/no_such_db"
+    missing = make_url(pg_url).set(database="no_such_db").render_as_string(hide_password=False)
     started = time.monotonic()
     with pytest.raises(ServerError, match="no_such_db"):
         wait_until_ready(missing, timeout=20)

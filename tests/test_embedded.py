@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import stat
 import subprocess
 import sys
@@ -18,6 +17,7 @@ import pytest
 from pgshard.server import embedded
 from pgshard.server.base import to_libpq
 from pgshard.server.embedded import EmbeddedServer, candidate_bindirs
+from tests.conftest import remove_cache
 
 
 @pytest.fixture
@@ -25,12 +25,7 @@ def cache_dir() -> Iterator[Path]:
     base = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path("/var/tmp")
     path = base / f"pgshard-test-{uuid.uuid4().hex[:8]}"
     yield path
-    for home in path.glob("pg*-*"):
-        if (home / "data" / "postmaster.pid").exists():  # never leave a server behind, even on failure
-            server = EmbeddedServer(cache_dir=path)
-            server.datadir = home / "data"
-            server.stop()
-    shutil.rmtree(path, ignore_errors=True)
+    remove_cache(path)  # never leave a server or its watchdog behind, even on failure
 
 
 def _wheel_bindir() -> Path:

@@ -170,8 +170,25 @@ class Admin:
                 raise
             raise ServerError(f"cannot clone {template}: it no longer exists (dropped by `pgshard clean --all` or "
                               "another project's template collection while this run started); run again") from None
+        except (psycopg.errors.UndefinedFile, psycopg.errors.DataCorrupted, psycopg.errors.IoError) as exc:
+            if not template:
+                raise
+            raise ServerError(f"template {template} is damaged ({exc.diag.message_primary or exc}): rebuild it with "
+                              "--pg-rebuild, or on the embedded server remove its whole cache with "
+                              "`pgshard clean --server`") from None
         self.mark(name, marker)
         return time.perf_counter() - started
+
+    def files_missing(self, name: str) -> bool:
+        """Whether the database's directory is gone from the data directory (a damaged cache: cloning it
+        "succeeds" and every connection then fails). Needs pg_stat_file, which a plain role may not call:
+        then we cannot tell, and say no."""
+        try:
+            row = self.conn.execute("SELECT (pg_stat_file('base/' || oid, true)).isdir FROM pg_database "
+                                    "WHERE datname = %s", (name,)).fetchone()
+        except psycopg.errors.InsufficientPrivilege:
+            return False
+        return row is not None and row[0] is None
 
     def mark(self, name: str, marker: Marker) -> None:
         self.conn.execute(sql.SQL("COMMENT ON DATABASE {} IS {}").format(sql.Identifier(name),

@@ -123,7 +123,7 @@ def server_for(settings: Settings) -> Iterator[Target]:
         finally:
             lease.release()
         return
-    embedded = EmbeddedServer(settings.pg_bin, settings.cache_dir)
+    embedded = EmbeddedServer(settings.pg_bin, settings.cache_dir, linger=settings.linger)
     was_running = embedded.running_port() is not None
     info = embedded.acquire()
     try:
@@ -214,10 +214,14 @@ def status_lines(target: Target, settings: Settings, entries: Sequence[Entry]) -
     if target.embedded is not None:
         state = target.embedded.status()
         others = [pid for pid in _leases(state) if pid != str(os.getpid())]
-        if target.started_here:
+        if target.started_here and target.embedded.linger:
+            running = f"no: started for this command; stops {target.embedded.linger} s after it (pgshard_linger)"
+        elif target.started_here:
             running = "no: started for this command, stopped again after it"
         elif state["persistent"]:
             running = "yes, persistent (`pgshard server stop` to stop it)"
+        elif target.embedded.linger:
+            running = f"yes, started by a run; stops {target.embedded.linger} s after the last one ends"
         else:
             running = "yes, started by a run; stops when the last one ends"
         if others:
@@ -310,7 +314,27 @@ def _describe(entry: Entry) -> str:
     return f"{entry.kind}, run {marker.run or '-'}, {marker.host} pid {marker.pid} {alive}, age {human_age(entry.age)}"
 
 
+def cmd_clean_server(args: argparse.Namespace, settings: Settings) -> int:
+    """``clean --server``: the embedded server's whole cache (data directory, templates, passfile), for a
+    damaged one; the next run re-creates it."""
+    if settings.server != "embedded":
+        raise CliError("clean --server removes the embedded server's cache; this environment selects another "
+                       "server (--pg-url / PGSHARD_URL / --pg-server)")
+    server = _embedded(settings)
+    if not server.home.exists():
+        print(f"nothing to remove: {server.home} does not exist")
+        return EXIT_OK
+    if args.dry_run:
+        print(f"would stop the embedded server and remove {server.home}; dry run, nothing was removed")
+        return EXIT_OK
+    server.remove()
+    print(f"stopped the embedded server and removed {server.home}; the next run re-creates it")
+    return EXIT_OK
+
+
 def cmd_clean(args: argparse.Namespace, settings: Settings) -> int:
+    if args.server:
+        return cmd_clean_server(args, settings)
     with server_for(settings) as target, Admin(target.info.url, settings.prefix) as admin:
         entries = survey(admin, settings.stale_ttl_hours)
         if args.all:
@@ -345,7 +369,7 @@ def cmd_clean(args: argparse.Namespace, settings: Settings) -> int:
 
 # -- the embedded server -------------------------------------------------------------------------------------
 def _embedded(settings: Settings) -> EmbeddedServer:
-    return EmbeddedServer(settings.pg_bin, settings.cache_dir)
+    return EmbeddedServer(settings.pg_bin, settings.cache_dir, linger=settings.linger)
 
 
 def _leases(state: Mapping[str, object]) -> list[str]:
@@ -382,10 +406,11 @@ def cmd_server_stop(args: argparse.Namespace, settings: Settings) -> int:
     if server.running_port() is None:
         print(f"{server.source}: not running")
         return EXIT_OK
-    if server.release():
+    users = server.stop_unless_used()  # now, whatever the linger: the user asked for it
+    if not users:
         print(f"{server.source}: stopped")
         return EXIT_OK
-    pids = ", ".join(_leases(server.status()))
+    pids = ", ".join(users)
     print(f"{server.source}: no longer persistent; still used by pids {pids}, it stops when the last one ends")
     return EXIT_OK
 
@@ -446,6 +471,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 "A database without pgshard's ownership marker is never dropped.")
     _common(clean)
     clean.add_argument("--all", action="store_true", help="templates and kept clones too")
+    clean.add_argument("--server", action="store_true",
+                       help="stop the embedded server and remove its whole cache (a damaged one is re-created)")
     clean.add_argument("--dry-run", action="store_true", help="list what would be dropped, drop nothing")
     clean.set_defaults(func=cmd_clean)
 

@@ -74,20 +74,50 @@ def host_identity() -> str:
 
 def ensure_private_dir(path: Path, mode: int, option: str) -> None:
     """Create ``path`` with ``mode``, or accept an existing one only if it is a real directory of ours
-    (never chmod a directory pgshard did not create, never follow a planted symlink)."""
+    (never chmod a directory pgshard did not create, never follow a planted symlink). Whatever the
+    filesystem answers (a parent that is a file, /proc, a read-only mount) becomes one line naming ``option``."""
     try:
-        path.mkdir(mode=mode)
-        os.chmod(path, mode)  # mkdir's mode is filtered by the umask
-        return
-    except FileExistsError:
-        pass
-    except FileNotFoundError:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        ensure_private_dir(path, mode, option)
-        return
-    info = path.lstat()
+        if not path.parent.is_dir():
+            path.parent.mkdir(parents=True)
+        try:
+            path.mkdir(mode=mode)
+            os.chmod(path, mode)  # mkdir's mode is filtered by the umask
+            return
+        except FileExistsError:
+            info = path.lstat()
+    except OSError as exc:  # a parent that is a file comes back from mkdir(parents=True) as "exists"
+        reason = (f"{exc.filename} is not a directory" if isinstance(exc, (FileExistsError, NotADirectoryError))
+                  and exc.filename else exc.strerror or str(exc))
+        raise UnsafeDirectory(f"cannot create {path}: {reason}; set {option} to a writable directory of your "
+                              "own") from None
     if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode):
         raise UnsafeDirectory(f"{path} is not a plain directory; set {option} to a directory of your own")
     if info.st_uid != os.geteuid():
         raise UnsafeDirectory(f"{path} belongs to another user (uid {info.st_uid}); set {option} to a directory "
                               "of your own")
+
+
+def process_start(pid: int) -> str | None:
+    """The kernel's start time of ``pid`` (clock ticks since boot, /proc/<pid>/stat field 22): with the pid
+    it names one process for good, so a recycled pid is never taken for the process that wrote it down.
+    None without /proc or when the process is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return None
+    return fields[19] if len(fields) > 19 else None
+
+
+def process_identity(pid: int | None = None) -> str:
+    """``pid:start`` of a process (this one by default), as leases and lock files record it."""
+    pid = os.getpid() if pid is None else pid
+    return f"{pid}:{process_start(pid) or ''}"
+
+
+def identity_alive(identity: str) -> bool:
+    """Whether the process an identity names still runs: same pid and, where /proc tells, same start."""
+    pid_text, _, start = identity.strip().partition(":")
+    if not pid_text.isdigit() or not pid_alive(int(pid_text)):
+        return False
+    # no start time recorded: trusted only where /proc cannot tell (else any live stranger would count)
+    return process_start(int(pid_text)) in (None, start) if start else process_start(int(pid_text)) is None

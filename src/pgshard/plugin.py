@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import os
+import sys
 from collections.abc import Callable, Generator, Iterator
 from typing import Any
 
@@ -22,6 +23,7 @@ from pgshard import redirect
 from pgshard.clones import Database
 from pgshard.fastapi import is_async_callable, make_async_client, make_client, override_dependency
 from pgshard.faults import classify
+from pgshard.lockfile import set_announcer
 from pgshard.migrate import MigrationError, parse_migrators
 from pgshard.queries import QueryCounter
 from pgshard.run import HANDOFF, Run, summary_lines
@@ -71,6 +73,19 @@ def _is_worker_process() -> bool:
     return bool(os.environ.get("PYTEST_XDIST_WORKER"))
 
 
+def _announce_through(config: pytest.Config) -> None:
+    """Lines like "waiting for pid N (building template X)" reach the terminal even while pytest captures
+    output (and from xdist workers, whose stderr is the terminal's)."""
+    capture = config.pluginmanager.getplugin("capturemanager")
+
+    def announce(line: str) -> None:
+        with capture.global_and_fixture_disabled() if capture is not None else contextlib.nullcontext():
+            sys.stderr.write(line + "\n")
+            sys.stderr.flush()
+
+    set_announcer(announce)
+
+
 def _fail_usage(exc: Exception) -> pytest.UsageError:
     return pytest.UsageError(f"pgshard: {exc}")
 
@@ -81,6 +96,7 @@ def pytest_load_initial_conftests(early_config: pytest.Config, parser: pytest.Pa
     namespace = early_config.known_args_namespace
     if getattr(namespace, "help", False) or getattr(namespace, "version", False):
         return
+    _announce_through(early_config)
     try:
         settings = _settings(early_config, namespace)
         if settings.shard:  # a bad --shard is a usage error before any server starts
@@ -261,7 +277,8 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
     stats = config.stash.get(WORKER_STATS, [])
     if run.server is None and not stats:
         return
-    lines = summary_lines(run.server, stats, run.stale_dropped, run.timings.get("server"), run.commit_tests)
+    lines = summary_lines(run.server, stats, run.stale_dropped, run.timings.get("server"), run.commit_tests,
+                          run.notes)
     if lines:
         terminalreporter.write_sep("-", "pgshard")
         for line in lines:
@@ -273,19 +290,38 @@ def pytest_runtest_makereport(
         item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, pytest.TestReport, pytest.TestReport]:
     """A SandboxError is advice, not a bug: show its one line instead of SQLAlchemy's stack. A fault that
     is not pgshard's own and that every later test would hit too (no CREATEDB, disk full, the server died,
-    no free connection slot: faults.py) becomes one line that says what to do, and the session stops."""
+    no free connection slot: faults.py) becomes one line that says what to do, and the session stops. And
+    no report (terminal, -rA, junit XML) shows a password of ours: URLs carry none, but a driver that reads the
+    passfile itself (asyncpg) keeps the password in objects that --showlocals prints."""
     report = yield
-    if call.excinfo is None:
-        return report
-    if call.excinfo.errisinstance(SandboxError):
+    run = item.config.stash.get(RUN, None)
+    if call.excinfo is not None and call.excinfo.errisinstance(SandboxError):
         report.longrepr = f"pgshard: {call.excinfo.value}"
-    elif not call.excinfo.errisinstance(pytest.fail.Exception):
-        run = item.config.stash.get(RUN, None)
+    elif call.excinfo is not None and not call.excinfo.errisinstance(pytest.fail.Exception):
         line = run.explain(call.excinfo.value) if run is not None else None
         if line is not None:
             report.longrepr = line
             item.session.shouldstop = line
+    if run is not None and (report.longrepr is not None or report.sections):
+        _scrub(report, run.secrets())
     return report
+
+
+def _scrub(report: pytest.TestReport, secrets: list[str]) -> None:
+    if not secrets:
+        return
+    if report.longrepr is not None:
+        text = str(report.longrepr)
+        if any(secret in text for secret in secrets):
+            for secret in secrets:
+                text = text.replace(secret, "***")
+            report.longrepr = text
+    sections = []
+    for title, content in report.sections:
+        for secret in secrets:
+            content = content.replace(secret, "***")
+        sections.append((title, content))
+    report.sections = sections
 
 
 # -- fixtures: server, template, databases ----------------------------------------------------------------

@@ -248,6 +248,8 @@ def _on_connect(dialect: Any, record: ConnectionPoolEntry | None, cargs: list[An
         params["user"] = target.username
     if target.password is not None:
         params["password"] = str(target.password)
+    elif isinstance(target.query.get("passfile"), str):  # pgshard's URLs name a passfile, never a password
+        params["passfile"] = target.query["passfile"]
     if record is not None:
         record.info[_REDIRECTED] = True
         if generation is not None:

@@ -7,6 +7,7 @@ here lets it be used (and tested) from plain Python, and keeps plugin.py free of
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
 import secrets
@@ -23,7 +24,7 @@ from pgshard.faults import advice, classify
 from pgshard.host import default_cache_dir
 from pgshard.migrate import blind_commands, hash_globs, parse_migrators
 from pgshard.server import ServerLease, acquire
-from pgshard.server.base import ServerError, ServerInfo, connect
+from pgshard.server.base import ServerError, ServerInfo, connect, passfile_secrets
 from pgshard.settings import Settings, env_assignments, mask_url, placeholders
 from pgshard.template import BuildLifecycle, Template, TemplateResult, build_fingerprint, database_url, project_key
 
@@ -47,11 +48,12 @@ class Run:
     wants_commit_pool: bool = False
     shard_emptied: bool = False  # --shard deselected every collected test
     finished: set[str] = field(default_factory=set)  # databases this worker made and has dropped at its end
-    notes: list[str] = field(default_factory=list)  # said once in the summary (e.g. a command cache is blind)
+    notes: list[str] = field(default_factory=list)  # said once in the summary (a blind command cache, a repair)
     failure: Exception | None = None  # the worker's database could not be made
     commit_tests: int = 0  # db_commit tests whose setup passed, counted from reports (controller)
     fault: str | None = None  # the first foreign fault's one line (faults.py): later ones repeat it
     finish_error: str | None = None  # why this worker's clones could not be dropped
+    _secrets: list[str] | None = field(default=None, repr=False)
 
     # -- the server ----------------------------------------------------------------------------
     @staticmethod
@@ -70,6 +72,7 @@ class Run:
                                   "(PGSHARD_CACHE_DIR)") from None
             atexit.register(self.stop_server)  # released even when pytest exits before unconfigure
             self.server = self.lease.info
+            self.notes.extend(self.lease.notes)
             self.timings["server"] = time.perf_counter() - started
             with Admin(self.server.url, self.settings.prefix) as admin:
                 self.stale_dropped = drop_stale(admin, self.settings.stale_ttl_hours)
@@ -102,6 +105,15 @@ class Run:
         server = ServerInfo(data["url"], data["source"], data["version"], int(data["major"]), bool(data["fsync"]))
         return cls(settings, data["run_id"], worker_id, server=server)
 
+    def secrets(self) -> list[str]:
+        """The passwords this run's URLs reach through their passfile (and --pg-url's), to mask in reports."""
+        if self.server is None:
+            return []
+        if self._secrets is None:
+            found = [*passfile_secrets(self.server.url), self._user_password() or ""]
+            self._secrets = sorted({s for s in found if len(s) >= 4}, key=len, reverse=True)
+        return self._secrets
+
     # -- names and env -------------------------------------------------------------------------
     @property
     def database_name(self) -> str:
@@ -116,7 +128,17 @@ class Run:
         """pgshard_env assignments for this worker's database (or another of this run's)."""
         if not self.settings.env or self.server is None:
             return {}
-        return env_assignments(self.settings.env, placeholders(self.database_url(name)))
+        return env_assignments(self.settings.env, placeholders(self.database_url(name), self._user_password()))
+
+    def _user_password(self) -> str | None:
+        """The password given in --pg-url, for ``{password}`` (pgshard's own URLs carry none)."""
+        if self.settings.server != "url" or not self.settings.url:
+            return None
+        from sqlalchemy.engine import make_url
+
+        with contextlib.suppress(Exception):
+            return str(make_url(self.settings.url).password or "")
+        return None
 
     # -- template and clones --------------------------------------------------------------------
     def ensure_template(self) -> TemplateResult:
@@ -269,7 +291,7 @@ def _server_line(server: ServerInfo, seconds: float | None) -> str:
 
 
 def summary_lines(server: ServerInfo | None, stats: list[dict[str, Any]], stale: list[str],
-                  server_seconds: float | None, commit_tests: int = 0) -> list[str]:
+                  server_seconds: float | None, commit_tests: int = 0, notes: list[str] | None = None) -> list[str]:
     """The terminal summary: server, template hit or miss, clone time per worker."""
     lines: list[str] = []
     if server is not None:
@@ -299,7 +321,8 @@ def summary_lines(server: ServerInfo | None, stats: list[dict[str, Any]], stale:
     for error in errors:  # the cause only: a foreign fault's whole line was shown with the failing test
         lines.append(f"could not drop this run's clones ({error.removeprefix('pgshard: ').split(' (')[0]}); "
                      "the next run or `pgshard clean` drops them")
-    lines += dict.fromkeys(note for s in stats for note in s.get("notes", []))  # once, not once per worker
+    # once, not once per worker; the controller's own too (a repaired server cache)
+    lines += dict.fromkeys([*(notes or []), *(note for s in stats for note in s.get("notes", []))])
     kept = [url for s in stats for url in s.get("kept", [])]
     if kept:
         lines.append("kept (--pg-keep; drop with `pgshard clean`): " + ", ".join(kept))

@@ -42,6 +42,8 @@ class Option:
     help: str
 
 
+LINGER_LOCAL = 120  # a local edit-run loop finds the server warm; a CI job (CI set) leaves nothing behind
+
 OPTIONS: tuple[Option, ...] = (
     Option("url", "--pg-url", "PGSHARD_URL", "pgshard_url", "str", None,
            "Use the PostgreSQL server at this URL (admin work goes through its 'postgres' database)."),
@@ -93,6 +95,8 @@ OPTIONS: tuple[Option, ...] = (
            "Age after which databases left by runs of other hosts are dropped."),
     Option("commit_pool", None, "PGSHARD_COMMIT_POOL", "pgshard_commit_pool", "int", 2,
            "How many fresh clones to keep ready for db_commit tests."),
+    Option("linger", None, "PGSHARD_LINGER", "pgshard_linger", "int", None,
+           f"Seconds the embedded server stays up after the last run (default {LINGER_LOCAL}, 0 when CI is set)."),
 )
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -126,6 +130,7 @@ class Settings:
     keep_templates: int = 3
     stale_ttl_hours: int = 24
     commit_pool: int = 2
+    linger: int = 0
     rootdir: Path = field(default_factory=Path.cwd)
     explicit: frozenset[str] = frozenset()  # options the user set somewhere (not defaults)
 
@@ -201,6 +206,8 @@ def resolve(
     if server == "url" and not values.get("url"):
         raise SettingsError("--pg-server url needs --pg-url (or PGSHARD_URL / ini pgshard_url)")
     values["server"] = server
+    if values.get("linger") is None:
+        values["linger"] = 0 if env.get("CI", "").strip().lower() not in _FALSE else LINGER_LOCAL
     if not _PREFIX.match(values["prefix"]):
         raise SettingsError(
             f"pgshard_prefix must be lowercase letters, digits and _ (at most 20), got {values['prefix']!r}"
@@ -251,11 +258,14 @@ def import_object(target: str, option: str) -> Any:
     return obj
 
 
-def placeholders(url: str) -> dict[str, str]:
-    """What a ``pgshard_env`` line may use, for the database at ``url`` (a SQLAlchemy URL)."""
+def placeholders(url: str, password: str | None = None) -> dict[str, str]:
+    """What a ``pgshard_env`` line may use, for the database at ``url`` (a SQLAlchemy URL). pgshard's URLs
+    name a passfile instead of carrying a password: ``{password}`` is then ``password`` (the one given in
+    --pg-url) or empty (the embedded server's lives only in ``{passfile}``)."""
     from sqlalchemy.engine import make_url
 
     parsed = make_url(url)
+    passfile = parsed.query.get("passfile", "")
     return {
         "url": parsed.render_as_string(hide_password=False),
         "libpq_url": parsed.set(drivername="postgresql").render_as_string(hide_password=False),
@@ -266,7 +276,8 @@ def placeholders(url: str) -> dict[str, str]:
         "host": parsed.host or parsed.query.get("host", "") or "",  # type: ignore[dict-item]
         "port": str(parsed.port or 5432),
         "user": parsed.username or "",
-        "password": parsed.password or "",
+        "password": password if password is not None else str(parsed.password or ""),
+        "passfile": passfile if isinstance(passfile, str) else passfile[0],
     }
 
 

@@ -1,6 +1,6 @@
 """The coordinator: exactly one process builds the template database; everyone else waits and reuses it.
 
-Two locks: a filelock serialises the processes of this machine (xdist workers, concurrent runs) without
+Two locks: a lock file serialises the processes of this machine (xdist workers, concurrent runs) without
 a connection each, and a PostgreSQL advisory lock serialises machines sharing one server (CI shards).
 The template's name is its fingerprint, and a template is built under a temporary name and renamed
 only when complete, then sealed: a half-built template can never be cloned.
@@ -16,12 +16,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from filelock import FileLock, Timeout
 from sqlalchemy.engine import make_url
 
 from pgshard import redirect
 from pgshard.admin import Admin, Marker
 from pgshard.build import apply_steps
+from pgshard.lockfile import HolderLock, LockError
 from pgshard.migrate import MigrationError, Migrator, _sha
 from pgshard.server.base import ServerError, ServerInfo
 from pgshard.settings import env_assignments, placeholders
@@ -147,7 +147,11 @@ class Template:
     def _lock_path(self) -> Path:
         parsed = make_url(self.server.url)
         server_key = hashlib.sha256(f"{parsed.host}:{parsed.port}:{parsed.query}".encode()).hexdigest()[:8]
-        self.lock_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.lock_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ServerError(f"cannot create {self.lock_dir}: {exc.strerror or exc}; set pgshard_cache_dir "
+                              "(PGSHARD_CACHE_DIR) to a writable directory of your own") from None
         return self.lock_dir / f"{server_key}-{self.name}.lock"
 
     def _usable(self) -> bool:
@@ -157,17 +161,23 @@ class Template:
         if found.allow_connections or not found.is_template:
             return False
         # --pg-rebuild: rebuilt once per run, then reused by this run's other workers
-        return not self.rebuild or found.marker.run == self.run_id
+        if self.rebuild and found.marker.run != self.run_id:
+            return False
+        if self.admin.files_missing(self.name):
+            raise ServerError(f"template {self.name} is damaged (its files are gone from the data directory): "
+                              "rebuild it with --pg-rebuild, or on the embedded server remove its whole cache "
+                              "with `pgshard clean --server`")
+        return True
 
     def ensure(self) -> TemplateResult:
         name = self.name
         started = time.perf_counter()
+        # removed when done (one file per fingerprint would pile up); a waiter past a few seconds says who builds
+        lock = HolderLock(self._lock_path(), f"checking or building template {name}", timeout=1800, remove=True)
         try:
-            lock = FileLock(str(self._lock_path()), timeout=1800)
             lock.acquire()
-        except Timeout:
-            raise ServerError(f"waited 30 min for another process building {name} ({lock.lock_file}); "
-                              "if none runs, delete that file") from None
+        except LockError as exc:
+            raise ServerError(str(exc)) from None
         except OSError as exc:  # the lock path is a directory, its parent a file, a read-only filesystem
             raise ServerError(f"cannot take the template lock {exc.filename or self.lock_dir}: "
                               f"{exc.strerror or exc}; remove it or set pgshard_cache_dir (PGSHARD_CACHE_DIR)"

@@ -187,13 +187,14 @@ def test_db_commit_gets_a_fresh_clone_with_real_commits(app_project: pytest.Pyte
         import pytest
         from concurrent.futures import ThreadPoolExecutor
         from sqlalchemy import func, select, text
+        from sqlalchemy.engine import make_url
         import app
 
         @pytest.mark.db_commit
         @pytest.mark.parametrize("n", range(4))
         def test_real_commits(n, commit_db, pg_database, client):
             assert commit_db.name != pg_database.name
-            assert os.environ["DATABASE_URL"].rsplit("/", 1)[1] == commit_db.name
+            assert make_url(os.environ["DATABASE_URL"]).database == commit_db.name
             def write(i):
                 with app.SessionLocal() as session:
                     session.add(app.Thing(name=f"t{i}"))

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from sqlalchemy.engine import make_url
 
 from pgshard.server.base import ServerInfo, to_libpq
-from tests.conftest import Project, databases
+from tests.conftest import Project, databases, remove_cache
 
 TWENTY_TESTS = '''
 import json, os, pytest
@@ -91,7 +92,7 @@ def test_pg_keep_keeps_clones_and_prints_masked_urls(project: Project, out_file:
     (kept,) = {record["db"] for record in _records(out_file)}
     try:
         assert kept in databases(admin_conn)
-        result.stdout.fnmatch_lines([f"*kept (--pg-keep*postgresql+psycopg://pgshard:***@*/{kept}*"])
+        result.stdout.fnmatch_lines([f"*kept (--pg-keep*postgresql+psycopg://pgshard@*/{kept}?passfile=*"])
     finally:
         admin_conn.execute(f'ALTER DATABASE "{kept}" WITH IS_TEMPLATE false')
         admin_conn.execute(f'DROP DATABASE "{kept}"')
@@ -117,9 +118,7 @@ def test_server_started_for_the_run_is_stopped_after_it(project: Project, out_fi
         assert project.migrations_ran() == 2
         assert not _postmasters_for(str(cache))
     finally:
-        import shutil
-
-        shutil.rmtree(cache, ignore_errors=True)
+        remove_cache(cache)
 
 
 def test_external_server_by_url_never_touches_the_named_database(
@@ -127,7 +126,7 @@ def test_external_server_by_url_never_touches_the_named_database(
     with psycopg.connect(to_libpq(second_server.url), autocommit=True) as conn:
         conn.execute("DROP DATABASE IF EXISTS users_own_db")
         conn.execute("CREATE DATABASE users_own_db")
-    user_url = second_server.url.rsplit("/", 1)[0] + "/users_own_db"
+    user_url = make_url(second_server.url).set(database="users_own_db").render_as_string(hide_password=False)
     with psycopg.connect(to_libpq(user_url), autocommit=True) as conn:
         conn.execute("CREATE TABLE precious (v int); INSERT INTO precious VALUES (42)")
     result = project.run("-n", "2", "--pg-url", user_url)

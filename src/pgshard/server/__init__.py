@@ -20,6 +20,7 @@ class ServerLease:
     info: ServerInfo
     _release: Callable[[], object] = field(repr=False)
     released: bool = False
+    notes: list[str] = field(default_factory=list)  # said once to the user (a damaged cache re-created)
 
     def release(self) -> None:
         if not self.released:
@@ -29,15 +30,16 @@ class ServerLease:
 
 def acquire(settings: Settings) -> ServerLease:
     if settings.server == "url":
+        from pgshard.host import default_cache_dir
         from pgshard.server.external import external_server
 
         assert settings.url is not None
-        return ServerLease(external_server(settings.url), lambda: None)
+        return ServerLease(external_server(settings.url, settings.cache_dir or default_cache_dir()), lambda: None)
     if settings.server == "docker":
         from pgshard.server.docker import docker_server
 
         return docker_server(settings)
     from pgshard.server.embedded import EmbeddedServer
 
-    embedded = EmbeddedServer(settings.pg_bin, settings.cache_dir)
-    return ServerLease(embedded.acquire(), embedded.release)
+    embedded = EmbeddedServer(settings.pg_bin, settings.cache_dir, linger=settings.linger)
+    return ServerLease(embedded.acquire(), embedded.release, notes=embedded.notes)

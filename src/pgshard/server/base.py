@@ -7,18 +7,24 @@ through :func:`mask_url` first, so a password never lands in a terminal or a CI 
 
 from __future__ import annotations
 
+import hashlib
+import os
+import re
+import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from urllib.parse import quote
 
 import psycopg
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
+from pgshard.host import UnsafeDirectory, ensure_private_dir
 from pgshard.settings import mask_url
 
 __all__ = ["ServerError", "ServerInfo", "connect", "describe", "mask_url", "sqlalchemy_url", "to_libpq",
-           "wait_until_ready"]
+           "wait_until_ready", "without_password"]
 
 # Refusals that no amount of waiting fixes: wrong password or role, missing database, pg_hba.conf.
 # libpq reports connection-time errors as text only (psycopg leaves ``sqlstate`` unset), so we match the
@@ -83,6 +89,8 @@ def _one_line(exc: BaseException) -> str:
 def _is_permanent(exc: psycopg.Error, message: str) -> bool:
     if exc.sqlstate in _PERMANENT_SQLSTATES:
         return True
+    if "no password supplied" in message:  # libpq's own refusal: no passfile entry, no password in the URL
+        return True
     return "FATAL:" in message and any(phrase in message for phrase in _PERMANENT_PHRASES)
 
 
@@ -138,6 +146,54 @@ def sqlalchemy_url(url: str, database: str | None = None) -> str:
     if database is not None:
         parsed = parsed.set(database=database)
     return parsed.render_as_string(hide_password=False)
+
+
+def without_password(url: str, cache_dir: Path) -> str:
+    """A user's URL (--pg-url) with its password moved into a passfile (0600, in the cache dir) that the URL
+    names instead: every URL pgshard derives from it (the workers', the clones', pgshard_env's) then carries
+    no secret for a traceback, --showlocals or a junit XML to print. libpq (psycopg, psycopg2) and asyncpg
+    read the ``passfile`` parameter."""
+    parsed = _parse_postgres_url(url)
+    if parsed.password is None or "passfile" in parsed.query:
+        return url
+    password = str(parsed.password)
+    user = parsed.username or ""
+    directory = cache_dir / "passfiles"
+    try:
+        # as root the embedded server's account must traverse the cache dir later: made as it would make it
+        ensure_private_dir(cache_dir, 0o711 if os.geteuid() == 0 else 0o700, "pgshard_cache_dir (PGSHARD_CACHE_DIR)")
+        ensure_private_dir(directory, 0o700, "pgshard_cache_dir (PGSHARD_CACHE_DIR)")
+    except UnsafeDirectory as exc:
+        raise ServerError(str(exc)) from None
+    path = directory / hashlib.sha256(f"{parsed.host}:{parsed.port}:{user}".encode()).hexdigest()[:16]
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".passfile")  # 0600, ours; replaced whole, never half-written
+    with os.fdopen(fd, "w") as handle:  # any host/port/database: only URLs naming this file reach for it
+        handle.write(f"*:*:*:{_pgpass_escape(user) or '*'}:{_pgpass_escape(password)}\n")
+    os.replace(tmp, path)
+    # URL.set(password=None) means "unchanged": replace the field itself
+    stripped = parsed._replace(password=None).update_query_dict({"passfile": str(path)})
+    return stripped.render_as_string(hide_password=False)
+
+
+def passfile_secrets(url: str) -> list[str]:
+    """The passwords in the passfile ``url`` names (to mask wherever a driver may have copied them)."""
+    passfile = make_url(url).query.get("passfile")
+    if not isinstance(passfile, str):
+        return []
+    try:
+        lines = Path(passfile).read_text().splitlines()
+    except OSError:
+        return []
+    found = []
+    for line in lines:
+        fields = re.split(r"(?<!\\):", line, maxsplit=4)
+        if len(fields) == 5:
+            found.append(fields[4].replace("\\:", ":").replace("\\\\", "\\"))
+    return found
+
+
+def _pgpass_escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace(":", "\\:")
 
 
 def connect(url: str, *, autocommit: bool = True, timeout: float = 10) -> psycopg.Connection:

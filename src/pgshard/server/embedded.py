@@ -22,7 +22,6 @@ import pwd
 import re
 import secrets
 import shutil
-import signal
 import socket
 import stat
 import subprocess
@@ -31,10 +30,11 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-
-from filelock import FileLock, Timeout
+from urllib.parse import urlencode
 
 from pgshard.host import UnsafeDirectory, default_cache_dir, ensure_private_dir, pid_alive
+from pgshard.leases import Cluster, wait_for
+from pgshard.lockfile import LockError
 from pgshard.server.base import ServerError, ServerInfo, describe
 
 SUPERUSER = "pgshard"
@@ -151,22 +151,29 @@ def _port_free(port: int) -> bool:
 
 
 class EmbeddedServer:
-    """One PostgreSQL instance in ``<cache>/pg<major>-<hash>/``: initdb'd once, started on demand."""
+    """One PostgreSQL instance in ``<cache>/pg<major>-<hash>/``: initdb'd once, started on demand.
 
-    def __init__(self, pg_bin: str | None = None, cache_dir: Path | None = None) -> None:
+    ``linger``: seconds the server stays up after its last user leaves (the watchdog stops it then), so the
+    next run of a local loop finds it warm; 0 stops it at once.
+    """
+
+    def __init__(self, pg_bin: str | None = None, cache_dir: Path | None = None, *, linger: float = 0) -> None:
         self.run_as = run_as_for_root()
         self.bindir, self.origin = find_binaries(pg_bin)
         self.major = self._major_version()
         cache = cache_dir or default_cache_dir()
         key = hashlib.sha256(str(self.bindir.resolve()).encode()).hexdigest()[:8]
         self.home = cache / f"pg{self.major}-{key}"
-        self.datadir = self.home / "data"
+        self.cluster = Cluster(self.home, cache / f"pg{self.major}-{key}.lock")
+        self.datadir = self.cluster.datadir
         self.sockdir = self.home / "run"
-        self.leases = self.home / "leases"
-        self.secret_file = self.home / "secret.json"
-        self.persistent_flag = self.home / "persistent"
+        self.leases = self.cluster.leases
+        self.secret_file = self.home / "secret.json"  # the port; the password lives only in the passfile
+        self.passfile = self.home / "passfile"
+        self.persistent_flag = self.cluster.persistent_flag
         self.logfile = self.sockdir / "server.log"
-        self._lock = FileLock(str(cache / f"pg{self.major}-{key}.lock"), timeout=300)
+        self.linger = linger
+        self.notes: list[str] = []  # what the user should hear once (a cache repaired)
         self._cache = cache
 
     # -- facts -------------------------------------------------------------------------------
@@ -190,31 +197,23 @@ class EmbeddedServer:
         except (OSError, ValueError):
             return {}
 
-    def _write_secret(self, data: dict[str, object]) -> None:
-        fd, tmp = tempfile.mkstemp(dir=self.home, prefix=".secret")
+    def _write_private(self, path: Path, text: str) -> None:
+        """Atomically, 0600, owned by the user running pgshard (as root: not the server account)."""
+        fd, tmp = tempfile.mkstemp(dir=self.home, prefix=f".{path.name}")
         with os.fdopen(fd, "w") as handle:
-            json.dump(data, handle)
-        os.replace(tmp, self.secret_file)  # mkstemp made it 0600
+            handle.write(text)
+        os.replace(tmp, path)  # mkstemp made it 0600
 
     def url(self, port: int) -> str:
-        password = str(self._secret().get("password", ""))
-        return f"postgresql+psycopg://{SUPERUSER}:{password}@127.0.0.1:{port}/postgres"
-
-    def _pidfile(self) -> tuple[int | None, list[str]]:
-        """postmaster.pid as (pid, lines); (None, []) when absent. PostgreSQL writes it in steps, so
-        the pid or later lines may be missing for a moment."""
-        try:
-            lines = (self.datadir / "postmaster.pid").read_text().splitlines()
-        except OSError:
-            return None, []
-        return (int(lines[0]) if lines and lines[0].strip().isdigit() else None), lines
+        """No password in it: libpq, psycopg2 and asyncpg read it from the passfile the URL names, so no
+        traceback, --showlocals or junit XML can print it (and ~/.pgpass of the user stays in charge of
+        every other server)."""
+        query = urlencode({"passfile": str(self.passfile)})
+        return f"postgresql+psycopg://{SUPERUSER}@127.0.0.1:{port}/postgres?{query}"
 
     def running_port(self) -> int | None:
-        """The port of a live postmaster for our data directory, from postmaster.pid."""
-        pid, lines = self._pidfile()
-        if pid is None or len(lines) < 4 or not pid_alive(pid):
-            return None
-        return int(lines[3])
+        """The port of a live postmaster of our data directory (never a stranger named by a stale pid file)."""
+        return self.cluster.running_port()
 
     # -- processes -----------------------------------------------------------------------------
     def _run(self, args: Sequence[str], *, detach: bool = False, timeout: float = 120) -> str:
@@ -233,8 +232,7 @@ class EmbeddedServer:
             out.seek(0)
             text: str = out.read()
         if proc.returncode != 0:
-            tail = " | ".join(line for line in text.strip().splitlines()[-3:])
-            raise ServerError(f"{Path(args[0]).name} failed (exit {proc.returncode}): {tail}")
+            raise ServerError(f"{Path(args[0]).name} failed (exit {proc.returncode}): {why(text)}")
         return text
 
     def _own(self, path: Path, mode: int) -> None:
@@ -242,7 +240,6 @@ class EmbeddedServer:
         os.chmod(path, mode)
         if self.run_as:
             os.chown(path, self.run_as.uid, self.run_as.gid)
-
     def _prepare_binaries(self) -> None:
         """As root, binaries under a private directory (pyenv in /root) are copied somewhere reachable."""
         if not self.run_as or _traversable_by_others(self.bindir):
@@ -273,7 +270,7 @@ class EmbeddedServer:
         shutil.rmtree(self.datadir, ignore_errors=True)
         self._own(self.datadir, 0o700)
         password = secrets.token_urlsafe(24)
-        pwfile = self.sockdir / "initdb.pw"
+        pwfile = self.sockdir / "initdb.pw"  # read by initdb as the server account, removed right after
         pwfile.write_text(password + "\n")
         os.chmod(pwfile, 0o600)
         if self.run_as:
@@ -282,14 +279,28 @@ class EmbeddedServer:
             self._run([str(self.bindir / "initdb"), "-D", str(self.datadir), "-U", SUPERUSER,
                        "--auth=scram-sha-256", f"--pwfile={pwfile}", "-E", "UTF8", "--locale=C",
                        "--no-sync", "--no-instructions"])
+        except ServerError as exc:
+            if "No space left" not in str(exc):
+                raise
+            raise ServerError(f"{exc}; free space in {self._cache} or set pgshard_cache_dir (PGSHARD_CACHE_DIR) "
+                              "to a larger filesystem") from None
         finally:
             pwfile.unlink(missing_ok=True)
         with (self.datadir / "postgresql.conf").open("a") as conf:
             conf.write(_TUNING.format(sockdir=str(self.sockdir).replace("'", "''")))
-        self._write_secret({"password": password, "port": _free_port()})
+        # any host/port/database, user pgshard: only URLs naming this file reach for it
+        self._write_private(self.passfile, f"*:*:*:{SUPERUSER}:{password}\n")
+        self._write_private(self.secret_file, json.dumps({"port": _free_port()}))
 
     def _initialised(self) -> bool:
-        return (self.datadir / "PG_VERSION").is_file() and bool(self._secret().get("password"))
+        return (self.datadir / "PG_VERSION").is_file() and self.passfile.is_file()
+
+    def _damage(self) -> str | None:
+        """Why an initialised data directory cannot start (files a cluster always has are missing)."""
+        for name in ("global/pg_control", "postgresql.conf", "pg_hba.conf", "base", "pg_wal"):
+            if not (self.datadir / name).exists():
+                return f"{name} is missing"
+        return None
 
     def _start(self) -> int:
         secret = self._secret()
@@ -297,23 +308,37 @@ class EmbeddedServer:
         if not _port_free(port):
             port = _free_port()
         self._own(self.sockdir, 0o700)
-        stale_pid = self._pidfile()[0]
+        stale_pid = self.cluster.pidfile()[0]
+        if stale_pid is not None:  # not our live postmaster (running_port said so): a stale file, not a process
+            (self.datadir / "postmaster.pid").unlink(missing_ok=True)
+            stale_pid = None
+        log_start = self.logfile.stat().st_size if self.logfile.exists() else 0
         try:  # -W and our own 10 ms poll: pg_ctl's -w polls in 100 ms steps
             self._run([str(self.bindir / "pg_ctl"), "-D", str(self.datadir), "-l", str(self.logfile), "-W",
                        "-o", f"-p {port}", "start"], detach=True)
             launched = time.monotonic()
             self._wait(lambda: self._started(time.monotonic() - launched, stale_pid), "start")
         except ServerError as exc:
-            raise ServerError(f"{exc}; server log: {self.logfile}") from None
+            raise ServerError(f"{exc}{self._log_since(log_start)}; server log: {self.logfile}") from None
         if secret.get("port") != port:
-            self._write_secret({**secret, "port": port})
+            self._write_private(self.secret_file, json.dumps({**secret, "port": port}))
         return port
+
+    def _log_since(self, offset: int) -> str:
+        try:
+            with self.logfile.open("rb") as log:
+                log.seek(offset)
+                text = log.read().decode(errors="replace")
+        except OSError:
+            return ""
+        reason = why(text, keep=2)
+        return f": {reason}" if reason else ""
 
     def _postmaster_status(self, stale_pid: int | None = None) -> str | None:
         """The status line PostgreSQL keeps in postmaster.pid ("starting", "ready", "stopping"); "dead"
         when the pid it names has exited (a crashed server's file, ``stale_pid``, is not ours to judge:
         the new postmaster replaces it); None before the file exists."""
-        pid, lines = self._pidfile()
+        pid, lines = self.cluster.pidfile()
         if not lines or (pid is not None and pid == stale_pid):
             return None
         if pid is not None and not pid_alive(pid):
@@ -330,62 +355,93 @@ class EmbeddedServer:
         return False
 
     def _wait(self, done: Callable[[], bool], what: str, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while not done():
-            if time.monotonic() > deadline:
-                raise ServerError(f"PostgreSQL did not {what} within {timeout:.0f} s")
-            time.sleep(0.01)
+        try:
+            wait_for(done, timeout, f"PostgreSQL did not {what}")
+        except TimeoutError as exc:
+            raise ServerError(str(exc)) from None
 
     def stop(self) -> None:
-        """Fast shutdown (SIGINT to the postmaster, as pg_ctl -m fast does), waiting in 10 ms steps."""
-        pid = self._pidfile()[0]
-        if pid is None or not pid_alive(pid):
-            return
+        """Fast shutdown of our own postmaster (a pid file naming any other process is left alone)."""
         try:
-            os.kill(pid, signal.SIGINT)
-        except ProcessLookupError:
-            return
-        self._wait(lambda: not pid_alive(pid), "stop")
+            self.cluster.stop()
+        except TimeoutError as exc:
+            raise ServerError(f"{exc}; server log: {self.logfile}") from None
 
     # -- leases ----------------------------------------------------------------------------------
     def _live_leases(self) -> list[Path]:
-        alive = []
-        for lease in self.leases.glob("*"):
-            pid = int(lease.name) if lease.name.isdigit() else 0
-            if pid and pid_alive(pid):
-                alive.append(lease)
+        return self.cluster.live_leases()
+
+    def _repair(self, reason: str) -> None:
+        """The data directory is a cache: re-create it (its server stopped first), and say so once."""
+        self.notes.append(f"the embedded server's data directory {self.datadir} was damaged ({reason}); "
+                          "re-created it (templates are rebuilt on first use)")
+        self.stop()
+        self._initdb()
+
+    def _ensure_running(self) -> int:
+        port = self.running_port()
+        if port is not None:
+            return port
+        damage = self._damage()
+        if damage:
+            self._repair(damage)
+        try:
+            return self._start()
+        except ServerError as exc:
+            cause = _CACHE_DAMAGE.search(str(exc))
+            if cause is None:
+                raise
+            self._repair(cause.group(0))
+            return self._start()
+
+    def _ready_port(self) -> int:
+        """Under the lock: our files in place, the cluster initialised (or repaired), the server running."""
+        if self.leases.exists() and not self.leases.is_dir():
+            self.leases.unlink()
+        self.leases.mkdir(exist_ok=True)
+        self._prepare_binaries()
+        if not self._initialised():
+            if (self.datadir / "PG_VERSION").is_file():
+                self._repair("its passfile is missing")
             else:
-                lease.unlink(missing_ok=True)
-        return alive
+                self._initdb()
+        return self._ensure_running()
 
     def acquire(self) -> ServerInfo:
         """Make sure the server runs and record that this process uses it."""
         self._prepare_home()
-        with self._locked():
-            self.leases.mkdir(exist_ok=True)
-            self._prepare_binaries()
-            if not self._initialised():
-                self._initdb()
-            port = self.running_port()
-            if port is None:
-                port = self._start()
-            (self.leases / str(os.getpid())).touch()
-            key = (str(self.home), os.getpid())
-            _HELD[key] = _HELD.get(key, 0) + 1
-        try:
-            return describe(self.url(port), self.source)
-        except ServerError:
-            self.release()
-            raise
+        for attempt in (1, 2):
+            with self._locked():
+                try:
+                    port = self._ready_port()
+                    self.cluster.add_lease()
+                    if not self.cluster.persistent:  # stops it should this run be killed before it can
+                        self.cluster.ensure_watchdog(self.linger)
+                except OSError as exc:
+                    raise ServerError(f"cannot use the embedded server's files in {self.home}: "
+                                      f"{exc.strerror or exc} ({exc.filename}); `pgshard clean --server` "
+                                      "re-creates them, or set pgshard_cache_dir (PGSHARD_CACHE_DIR)") from None
+                key = (str(self.home), os.getpid())
+                _HELD[key] = _HELD.get(key, 0) + 1
+            try:
+                return describe(self.url(port), self.source)
+            except ServerError as exc:
+                self.release()
+                if attempt == 2 or "password authentication failed" not in str(exc):
+                    raise
+                with self._locked():  # the passfile does not match the cluster: both are our cache
+                    if self._other_users():
+                        raise
+                    self._repair("its passfile does not match the cluster")
+        raise AssertionError("unreachable")
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
         try:
-            with self._lock:
+            with self.cluster.lock:
                 yield
-        except Timeout:
-            raise ServerError(f"another pgshard process has held {self._lock.lock_file} for {self._lock.timeout:.0f} s;"
-                              " if none runs, delete that file") from None
+        except LockError as exc:
+            raise ServerError(str(exc)) from None
 
     def _prepare_home(self) -> None:
         """The cache and our home in it: created private (root: traversable, not listable, so the server
@@ -400,26 +456,64 @@ class EmbeddedServer:
         if self.run_as and not _traversable_by_others(self.home):
             raise ServerError(f"{self.home} is not reachable by the '{self.run_as.name}' account that runs "
                               f"PostgreSQL; set {option} to a directory whose parents others may traverse")
+        self._upgrade_secret()
+
+    def _upgrade_secret(self) -> None:
+        """An older pgshard kept the password in secret.json: move it to the passfile."""
+        secret = self._secret()
+        if "password" in secret:
+            self._write_private(self.passfile, f"*:*:*:{SUPERUSER}:{secret.pop('password')}\n")
+            self._write_private(self.secret_file, json.dumps(secret))
 
     def release(self) -> bool:
-        """Drop this process's lease; stop the server when nobody else holds one. True if stopped."""
+        """Drop this process's lease; stop the server when nobody else holds one (after the linger, by
+        the watchdog, when there is one). True if stopped now."""
         with self._locked():
             key = (str(self.home), os.getpid())
             held = _HELD.pop(key, 0) - 1
             if held > 0:  # this process still holds another lease on it
                 _HELD[key] = held
                 return False
-            (self.leases / str(os.getpid())).unlink(missing_ok=True)
-            if self._live_leases() or self.persistent_flag.exists():
+            self.cluster.drop_lease()
+            if self._live_leases() or self.cluster.persistent:
+                return False
+            if self.linger > 0 and self.running_port() is not None:
+                self.cluster.ensure_watchdog(self.linger)
                 return False
             self.stop()
             return True
+
+    def stop_unless_used(self) -> list[str]:
+        """Stop the server now unless other processes hold leases on it; returns their pids."""
+        with self._locked():
+            users = self._other_users()
+            if not users:
+                self.stop()
+            return users
+
+    def _other_users(self) -> list[str]:
+        return [lease.name for lease in self._live_leases() if lease.name != str(os.getpid())]
+
+    def remove(self) -> None:
+        """``pgshard clean --server``: stop the server and delete its whole home (data, templates, passfile).
+        Refused while another process uses it."""
+        with self._locked():
+            users = self._other_users()
+            if users:
+                raise ServerError(f"the embedded server at {self.home} is in use by pids {', '.join(users)}; "
+                                  "let those runs end first")
+            self.cluster.persistent_flag.unlink(missing_ok=True)
+            self.stop()
+            shutil.rmtree(self.home, ignore_errors=True)
 
     def set_persistent(self, persistent: bool) -> None:
         if persistent:
             self.persistent_flag.touch()
         else:
             self.persistent_flag.unlink(missing_ok=True)
+            with self._locked():  # users left: the watchdog stops it after the last one
+                if self.running_port() is not None:
+                    self.cluster.ensure_watchdog(self.linger)
 
     def status(self) -> dict[str, object]:
         port = self.running_port()
@@ -431,3 +525,25 @@ class EmbeddedServer:
             "persistent": self.persistent_flag.exists(),
             "leases": [p.name for p in self._live_leases()] if self.leases.exists() else [],
         }
+
+
+# Log lines of a start that failed because the cache itself is damaged (re-creating it is the cure)
+_CACHE_DAMAGE = re.compile(r"could not open file \"global/pg_control\"[^;]*|incorrect checksum in control file|"
+                           r"syntax error in file \"[^\"]*\.conf\"|configuration file \"[^\"]*\" contains errors|"
+                           r"database files are incompatible with server|could not locate a valid checkpoint "
+                           r"record|invalid data in file \"[^\"]+\"|is not a valid data directory")
+
+# Lines of a failed binary's output that say why (initdb's "could not extend file ...: No space left on
+# device" and its HINT come before its last, generic lines, which alone say nothing)
+_WHY = re.compile(r"FATAL|PANIC|ERROR|could not|No space|HINT|DETAIL|invalid|incompatible|denied|exists|"
+                  r"not a valid|No such file|cannot|failed", re.I)
+
+
+def why(output: str, keep: int = 4) -> str:
+    """The lines of a failed binary's output that carry its cause, joined on one line (at most ``keep``
+    telling lines, then the last line)."""
+    lines = [line.strip() for line in output.strip().splitlines() if line.strip()]
+    telling = [line for line in lines if _WHY.search(line)][:keep]
+    if lines and lines[-1] not in telling:
+        telling.append(lines[-1])
+    return " | ".join(telling)
