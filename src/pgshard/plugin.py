@@ -401,7 +401,8 @@ def _is_async_test(request: pytest.FixtureRequest) -> bool:
 def _pgshard_app_engine(request: pytest.FixtureRequest, pg_database: Database) -> Any:
     """The app's own engine (pgshard_engine, else the bind of pgshard_sessionmaker), pointed at this
     worker's database; None when the app has none."""
-    engine = _guard(app_engine, _app_object(request, "engine"), _app_object(request, "sessionmaker"))
+    engine = _session_step(request, lambda: app_engine(_app_object(request, "engine"),
+                                                       _app_object(request, "sessionmaker")))
     if engine is not None:
         # Followed even when its URL names this database already: each connection is then stamped with the
         # database it was made for, so a db_commit test's retarget never gets one made for another. An engine
