@@ -4,9 +4,10 @@ one invocation with the two alternating round by round (ABBA order); medians of 
     python -m benchmarks.fidelity [--tests 200] [--rounds 5]
 
 The generated project is one sync app (psycopg, its engine built from DATABASE_URL as most apps do) and
-N tests that write through ``db_session``, commit (a savepoint release) and read back. "app engine" names
-the app's sessionmaker (pgshard_sessionmaker), so the tests connect through its engine; "pg_engine" does
-not, so they run on pgshard's own. Everything else is identical.
+N tests that write through ``db_session``, commit (a savepoint release) and read back. Both name the app's
+sessionmaker (pgshard_sessionmaker, rebound per test); for "app engine" it is bound to the app's engine, so
+the tests connect through it; for "pg_engine" it is unbound, so they run on pgshard's own, as every test
+did before. Everything else is identical.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from sqlalchemy import String, create_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 engine = create_engine(os.environ["DATABASE_URL"])
-SessionLocal = sessionmaker(bind=engine, expire_on_commit=False)
+# Unbound, the sessionmaker names no engine of the app's: pgshard's own (pg_engine) is used.
+SessionLocal = sessionmaker(bind=engine if os.environ["BENCH_BIND"] == "1" else None, expire_on_commit=False)
 
 
 class Base(DeclarativeBase):
@@ -56,19 +58,20 @@ def test_write_and_read(n, db_session):
 INI = """
 [pytest]
 pgshard_migrate = metadata:app:Base
-pgshard_env = DATABASE_URL={{url}}
+pgshard_env = DATABASE_URL={url}
+pgshard_sessionmaker = app:SessionLocal
 pythonpath = .
-{extra}
 """
 
-CONTENDERS = {"app engine": "pgshard_sessionmaker = app:SessionLocal", "pg_engine": ""}
+CONTENDERS = {"app engine": "1", "pg_engine": "0"}  # BENCH_BIND: the app's sessionmaker bound to its engine
 
 
-def _run_once(root: Path, extra: str) -> list[float]:
-    (root / "pytest.ini").write_text(INI.format(extra=extra))
+def _run_once(root: Path, bind: str) -> list[float]:
+    (root / "pytest.ini").write_text(INI)
     out = root / "timer.json"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PGSHARD_", "PYTEST_"))}
-    env.update(BENCH_TIMER_OUT=str(out), PYTHONPATH=os.pathsep.join([str(Path(__file__).parent.parent), str(root)]))
+    env.update(BENCH_BIND=bind, BENCH_TIMER_OUT=str(out),
+               PYTHONPATH=os.pathsep.join([str(Path(__file__).parent.parent), str(root)]))
     subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:randomly", "-p", "no:cacheprovider",
                     "-p", "benchmarks.timer"], cwd=root, env=env, check=True, capture_output=True)
     data = json.loads(out.read_text())
@@ -89,8 +92,8 @@ def main(argv: list[str] | None = None) -> None:
         (root / "test_bench.py").write_text(TESTS.format(tests=args.tests))
         for round_ in range(args.rounds):
             order = list(CONTENDERS.items())
-            for name, extra in order if round_ % 2 == 0 else order[::-1]:  # ABBA: neither always goes first
-                samples[name].extend(_run_once(root, extra))
+            for name, bind in order if round_ % 2 == 0 else order[::-1]:  # ABBA: neither always goes first
+                samples[name].extend(_run_once(root, bind))
     load = Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").exists() else ["?"]
     print(f"db_session per test, {args.tests} tests x {args.rounds} rounds, alternating; loadavg {' '.join(load)}")
     for name, values in samples.items():
