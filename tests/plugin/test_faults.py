@@ -94,7 +94,15 @@ def test_a_role_without_createdb_is_one_line_for_the_whole_run(project: Project,
             text = _one_line_for_the_run(result, "the role needs CREATEDB")
             assert f"ALTER ROLE {role} CREATEDB" in text and password not in text
             assert databases(conn, prefix + "%") == []
+
+            conn.execute(sql.SQL("ALTER ROLE {} CREATEDB").format(sql.Identifier(role)))  # as the line says
+            again = project.run("-n", "2", "--pg-url", url.render_as_string(hide_password=False),
+                                "-o", f"pgshard_prefix={prefix}")
+            again.assert_outcomes(passed=200)
         finally:
+            for name in databases(conn, prefix + "%"):  # the template the second run built, owned by the role
+                conn.execute(sql.SQL("ALTER DATABASE {} WITH IS_TEMPLATE false").format(sql.Identifier(name)))
+                conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
             conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
 
 
