@@ -219,9 +219,9 @@ def resolve(
             path = Path(values[key]).expanduser()
             values[key] = path if path.is_absolute() else rootdir / path
     for name in values.get("redirect", ()):
-        if name in ("postgres", "template0", "template1") or name.startswith(values["prefix"]):
+        if name in ("postgres", "template0", "template1") or name.startswith(values["prefix"] + "_"):
             raise SettingsError(f"pgshard_redirect names the app's own database, not {name!r} (a maintenance "
-                                f"database or one of pgshard's own, prefix {values['prefix']})")
+                                f"database or one of pgshard's own, {values['prefix']}_...)")
     for line in values.get("env", ()):
         if "=" not in line or not line.split("=", 1)[0].strip():
             raise SettingsError(f"pgshard_env lines look like NAME=template, got {line!r}")
