@@ -127,6 +127,7 @@ def own_cache(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     which the server account can traverse."""
     cache = Path("/dev/shm") / f"pgshard-faults-{uuid.uuid4().hex[:8]}"
     monkeypatch.setenv("PGSHARD_CACHE_DIR", str(cache))
+    monkeypatch.setenv("PGSHARD_LINGER", "0")  # stopped when the run ends: we check no postmaster is left
     yield cache
     for pidfile in glob.glob(f"{cache}/pg*/data/postmaster.pid"):  # a failed test must not leave it running
         subprocess.run([sys.executable, "-m", "pgshard.cli", "server", "stop", "--cache-dir", str(cache)],
@@ -160,8 +161,8 @@ def test_a_lock_path_that_is_not_a_directory_is_one_line(project: Project, secon
     monkeypatch.setenv("PGSHARD_CACHE_DIR", str(cache))
     project.pytester.makepyfile(test_many=MANY_TESTS.format(count=50))
     result = project.run("-n", "2", "--pg-url", second_server.url)
-    text = _one_line_for_the_run(result, "cannot take the template lock")
-    assert "pgshard_cache_dir" in text
+    text = _one_line_for_the_run(result, "pgshard_cache_dir")
+    assert f"{cache / 'locks'}: File exists" in text
 
 
 @pytest.mark.parametrize(("line", "needle"), [
@@ -253,7 +254,7 @@ def test_a_full_disk_is_one_line_naming_the_cache_dir_and_the_next_run_is_green(
     script = tmp_path / "run.sh"
     script.write_text(f"""
         mount -t tmpfs -o size=150m,mode=1777 tmpfs {mount} || exit 97
-        export PGSHARD_CACHE_DIR={mount}/cache
+        export PGSHARD_CACHE_DIR={mount}/cache PGSHARD_LINGER=0
         cd {project.root}
         {sys.executable} -m pytest -p no:randomly -p no:cacheprovider -n 2 test_fill.py > {tmp_path}/full.txt 2>&1
         echo $? > {tmp_path}/full.rc
@@ -304,7 +305,7 @@ def test_each_bad_option_value_is_one_line_naming_it_before_any_test(
 def test_a_server_lock_path_that_is_a_directory_is_one_usage_line(project: Project, own_cache: Path) -> None:
     from pgshard.server.embedded import EmbeddedServer
 
-    lock = Path(EmbeddedServer(cache_dir=own_cache)._lock.lock_file)
+    lock = Path(EmbeddedServer(cache_dir=own_cache).cluster.lock.path)
     lock.mkdir(parents=True)
     project.pytester.makepyfile(test_many=MANY_TESTS.format(count=20))
     result = project.run("-n", "2")
