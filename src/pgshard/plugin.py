@@ -555,15 +555,18 @@ def async_db_session(request: pytest.FixtureRequest) -> Any:
 def _keep_test_loop_open(request: pytest.FixtureRequest, stack: contextlib.ExitStack) -> None:
     """Make the test's event loop outlive this fixture, so its teardown can roll back and close the
     connection gracefully in that loop (anyio: hold a lease on its runner; pytest-asyncio: set up its
-    function-scoped runner first, so it is torn down after us)."""
+    function-scoped runner first, so it is torn down after us; pytest-asyncio 0.23, the last for pytest 7.4,
+    has an ``event_loop`` fixture instead)."""
     if "anyio_backend" in request.fixturenames:
         from anyio.pytest_plugin import extract_backend_and_options, get_runner
 
         name, options = extract_backend_and_options(request.getfixturevalue("anyio_backend"))
         stack.enter_context(get_runner(name, options))
     elif request.node.get_closest_marker("asyncio") is not None:
-        with contextlib.suppress(pytest.FixtureLookupError):
-            request.getfixturevalue("_function_scoped_runner")
+        for name in ("_function_scoped_runner", "event_loop"):
+            with contextlib.suppress(pytest.FixtureLookupError):
+                request.getfixturevalue(name)
+                return
 
 
 @pytest.fixture
