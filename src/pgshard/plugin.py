@@ -11,6 +11,7 @@ import contextlib
 import inspect
 import os
 import sys
+import warnings
 from collections.abc import Callable, Generator, Iterator
 from typing import Any
 
@@ -88,6 +89,24 @@ def _announce_through(config: pytest.Config) -> None:
 
 def _fail_usage(exc: Exception) -> pytest.UsageError:
     return pytest.UsageError(f"pgshard: {exc}")
+
+
+def _quiet_our_parse_time_errors() -> None:
+    """pytest 7 parses options inside an old-style hookwrapper (helpconfig's pytest_cmdline_parse), and
+    pluggy >= 1.4 prints a PluggyTeardownRaisedWarning block above any error raised there, so our one
+    usage line would come after five lines of noise. Silence that warning only when its cause is our own
+    UsageError; set at import, because pytest restores the warning filters after each early hook."""
+    if int(pytest.__version__.split(".")[0]) >= 8:  # pytest 8 uses a new-style wrapper: no warning
+        return
+    with contextlib.suppress(ImportError):
+        from pluggy import PluggyTeardownRaisedWarning
+
+        warnings.filterwarnings("ignore", category=PluggyTeardownRaisedWarning, message=(
+            r"A plugin raised an exception during an old-style hookwrapper teardown\.\n"
+            r"Plugin: helpconfig, Hook: pytest_cmdline_parse\nUsageError: pgshard: "))
+
+
+_quiet_our_parse_time_errors()
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -285,15 +304,15 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
             terminalreporter.write_line(line)
 
 
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_makereport(
-        item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+@pytest.hookimpl(hookwrapper=True)  # not wrapper=True: pytest 7.4 (our floor) may run with a pluggy without it
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, Any, None]:
     """A SandboxError is advice, not a bug: show its one line instead of SQLAlchemy's stack. A fault that
     is not pgshard's own and that every later test would hit too (no CREATEDB, disk full, the server died,
     no free connection slot: faults.py) becomes one line that says what to do, and the session stops. And
     no report (terminal, -rA, junit XML) shows a password of ours: URLs carry none, but a driver that reads the
     passfile itself (asyncpg) keeps the password in objects that --showlocals prints."""
-    report = yield
+    outcome = yield
+    report: pytest.TestReport = outcome.get_result()
     run = item.config.stash.get(RUN, None)
     if call.excinfo is not None and call.excinfo.errisinstance(SandboxError):
         report.longrepr = f"pgshard: {call.excinfo.value}"
@@ -304,7 +323,6 @@ def pytest_runtest_makereport(
             item.session.shouldstop = line
     if run is not None and (report.longrepr is not None or report.sections):
         _scrub(report, run.secrets())
-    return report
 
 
 def _scrub(report: pytest.TestReport, secrets: list[str]) -> None:
@@ -537,15 +555,18 @@ def async_db_session(request: pytest.FixtureRequest) -> Any:
 def _keep_test_loop_open(request: pytest.FixtureRequest, stack: contextlib.ExitStack) -> None:
     """Make the test's event loop outlive this fixture, so its teardown can roll back and close the
     connection gracefully in that loop (anyio: hold a lease on its runner; pytest-asyncio: set up its
-    function-scoped runner first, so it is torn down after us)."""
+    function-scoped runner first, so it is torn down after us; pytest-asyncio 0.23, the last for pytest 7.4,
+    has an ``event_loop`` fixture instead)."""
     if "anyio_backend" in request.fixturenames:
         from anyio.pytest_plugin import extract_backend_and_options, get_runner
 
         name, options = extract_backend_and_options(request.getfixturevalue("anyio_backend"))
         stack.enter_context(get_runner(name, options))
     elif request.node.get_closest_marker("asyncio") is not None:
-        with contextlib.suppress(pytest.FixtureLookupError):
-            request.getfixturevalue("_function_scoped_runner")
+        for name in ("_function_scoped_runner", "event_loop"):
+            with contextlib.suppress(pytest.FixtureLookupError):
+                request.getfixturevalue(name)
+                return
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ One inner pytest session per app kind and driver runs all four cells, so the mat
 from __future__ import annotations
 
 import textwrap
+from importlib.metadata import version
 
 import pytest
 
@@ -229,11 +230,15 @@ APPS = {
     ("async", "asyncpg"): ("{asyncpg_url}", "strict-function", {}),
 }
 
+# pytest-asyncio 0.23 (the last for pytest 7.4, our floor) has no loop-scope ini keys, and an unknown key is an
+# error under filterwarnings = error: there the session loop is asked for by the marker instead.
+_LOOP_SCOPE_KEYS = tuple(int(part) for part in version("pytest-asyncio").split(".")[:2]) >= (0, 24)
 RUNNERS = {  # ini lines, marker of async tests, extra pytest arguments
-    "strict-function": ("asyncio_mode = strict\nasyncio_default_fixture_loop_scope = function",
-                        "@pytest.mark.asyncio", ()),
+    "strict-function": ("asyncio_mode = strict" + ("\nasyncio_default_fixture_loop_scope = function"
+                                                    if _LOOP_SCOPE_KEYS else ""), "@pytest.mark.asyncio", ()),
     "auto-session": ("asyncio_mode = auto\nasyncio_default_fixture_loop_scope = session\n"
-                     "asyncio_default_test_loop_scope = session", "", ()),
+                     "asyncio_default_test_loop_scope = session", "", ()) if _LOOP_SCOPE_KEYS else
+                    ("asyncio_mode = auto", '@pytest.mark.asyncio(scope="session")', ()),
     "anyio": ("", "@pytest.mark.anyio", ("-p", "no:asyncio")),
 }
 
@@ -255,7 +260,8 @@ def run(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
 
 @pytest.mark.parametrize(("kind", "driver"), list(APPS), ids=[f"{k}-{d}" for k, d in APPS])
 def test_every_cell_shares_the_apps_connection_or_is_refused_with_one_line(
-        pytester: pytest.Pytester, kind: str, driver: str) -> None:
+        pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, kind: str, driver: str) -> None:
+    monkeypatch.setenv("COLUMNS", "400")  # pytest 7.4 cuts summary lines to the terminal width even with -vv
     mark, args = make_app(pytester, kind, driver)
     pytester.makepyfile(test_matrix=CELLS.format(driver=driver, mark=mark))
     result = run(pytester, *args)
