@@ -198,7 +198,9 @@ def test_pgshard_fingerprint_globs_rebuild_when_a_file_the_steps_read_changes(
     pytester.makeini("[pytest]\npgshard_migrate = command:sh -c 'python load.py'\npgshard_fingerprint = data/*.csv\n")
     pytester.makepyfile(test_one="def test_one(pg_database):\n    pass\n")
     run = ("-p", "no:randomly", "-p", "no:cacheprovider")
-    pytester.runpytest_subprocess(*run).assert_outcomes(passed=1)
+    first = pytester.runpytest_subprocess(*run)
+    first.assert_outcomes(passed=1)
+    assert "names no file pgshard can hash" not in first.stdout.str()  # pgshard_fingerprint covers it
     pytester.runpytest_subprocess(*run).assert_outcomes(passed=1)
     assert counter.read_text().splitlines() == ["seeded"]
     (pytester.path / "data" / "names.csv").write_text(f"bob\n{uuid.uuid4().hex}\n")
@@ -264,6 +266,17 @@ def database_is_there():
     with open(os.environ["EAGER_RECORD"], "a") as fh:
         fh.write(f"{os.environ.get('PYTEST_XDIST_WORKER', 'main')} {name}\\n")
 '''
+
+
+@pytest.mark.parametrize(("ini", "eager"), [({"pgshard_migrate": "sql:schema.sql"}, True),
+                                           ({"pgshard_env": "DATABASE_URL={url}"}, True),
+                                           ({"pgshard_redirect": "app_test"}, True),
+                                           ({"pgshard_app": "app:app", "pgshard_url": "postgresql://h/db"}, False)])
+def test_only_options_the_projects_own_code_uses_make_pgshard_eager(ini: dict[str, str], eager: bool,
+                                                                   tmp_path: Path) -> None:
+    from pgshard.settings import resolve
+
+    assert resolve({}, {}, lambda key: ini.get(key), tmp_path).eager is eager
 
 
 @pytest.mark.parametrize("xdist", [("-n", "2"), ()], ids=["n2", "serial"])
