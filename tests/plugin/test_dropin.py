@@ -61,6 +61,29 @@ def test_users_have_a_bio():
 '''
 
 
+OVERLAP = '''
+import os, time
+from pathlib import Path
+
+import pytest
+
+_arrived = False
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_setup(item):
+    global _arrived
+    yield
+    if not _arrived:  # each worker waits, after its first set-up, until the other has set up too
+        _arrived = True
+        folder = Path(os.environ["OVERLAP_DIR"])
+        (folder / os.environ.get("PYTEST_XDIST_WORKER", "main")).touch()
+        deadline = time.monotonic() + 300
+        while len(list(folder.iterdir())) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+'''
+
+
 class SharedDb:
     """A copy of tests/projects/shared_db with a template fingerprint of its own."""
 
@@ -125,7 +148,12 @@ def test_without_pgshard_the_shared_database_suite_collides_under_xdist(
         shared_db: SharedDb, shared_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     _own_serial_run(shared_db, shared_url, monkeypatch)
     monkeypatch.setenv("DATABASE_URL", shared_url)
-    parallel = shared_db.run("-p", "no:pgshard", "-n", "2")
+    # Under load one worker can finish before the other starts, and two runs one after the other do not
+    # collide; a barrier after each worker's first set-up makes them overlap, as on an idle machine.
+    (shared_db.root / "overlap.py").write_text(OVERLAP)
+    (shared_db.root / "arrived").mkdir()
+    monkeypatch.setenv("OVERLAP_DIR", str(shared_db.root / "arrived"))
+    parallel = shared_db.run("-p", "no:pgshard", "-p", "overlap", "-n", "2")
     outcomes = parallel.parseoutcomes()
     assert parallel.ret != 0
     assert outcomes.get("failed", 0) + outcomes.get("errors", 0) > 0, outcomes
