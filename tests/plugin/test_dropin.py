@@ -61,6 +61,29 @@ def test_users_have_a_bio():
 '''
 
 
+OVERLAP = '''
+import os, time
+from pathlib import Path
+
+import pytest
+
+_arrived = False
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_setup(item):
+    global _arrived
+    yield
+    if not _arrived:  # each worker waits, after its first set-up, until the other has set up too
+        _arrived = True
+        folder = Path(os.environ["OVERLAP_DIR"])
+        (folder / os.environ.get("PYTEST_XDIST_WORKER", "main")).touch()
+        deadline = time.monotonic() + 300
+        while len(list(folder.iterdir())) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+'''
+
+
 class SharedDb:
     """A copy of tests/projects/shared_db with a template fingerprint of its own."""
 
@@ -125,7 +148,12 @@ def test_without_pgshard_the_shared_database_suite_collides_under_xdist(
         shared_db: SharedDb, shared_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     _own_serial_run(shared_db, shared_url, monkeypatch)
     monkeypatch.setenv("DATABASE_URL", shared_url)
-    parallel = shared_db.run("-p", "no:pgshard", "-n", "2")
+    # Under load one worker can finish before the other starts, and two runs one after the other do not
+    # collide; a barrier after each worker's first set-up makes them overlap, as on an idle machine.
+    (shared_db.root / "overlap.py").write_text(OVERLAP)
+    (shared_db.root / "arrived").mkdir()
+    monkeypatch.setenv("OVERLAP_DIR", str(shared_db.root / "arrived"))
+    parallel = shared_db.run("-p", "no:pgshard", "-p", "overlap", "-n", "2")
     outcomes = parallel.parseoutcomes()
     assert parallel.ret != 0
     assert outcomes.get("failed", 0) + outcomes.get("errors", 0) > 0, outcomes
@@ -198,7 +226,9 @@ def test_pgshard_fingerprint_globs_rebuild_when_a_file_the_steps_read_changes(
     pytester.makeini("[pytest]\npgshard_migrate = command:sh -c 'python load.py'\npgshard_fingerprint = data/*.csv\n")
     pytester.makepyfile(test_one="def test_one(pg_database):\n    pass\n")
     run = ("-p", "no:randomly", "-p", "no:cacheprovider")
-    pytester.runpytest_subprocess(*run).assert_outcomes(passed=1)
+    first = pytester.runpytest_subprocess(*run)
+    first.assert_outcomes(passed=1)
+    assert "names no file pgshard can hash" not in first.stdout.str()  # pgshard_fingerprint covers it
     pytester.runpytest_subprocess(*run).assert_outcomes(passed=1)
     assert counter.read_text().splitlines() == ["seeded"]
     (pytester.path / "data" / "names.csv").write_text(f"bob\n{uuid.uuid4().hex}\n")
@@ -264,6 +294,17 @@ def database_is_there():
     with open(os.environ["EAGER_RECORD"], "a") as fh:
         fh.write(f"{os.environ.get('PYTEST_XDIST_WORKER', 'main')} {name}\\n")
 '''
+
+
+@pytest.mark.parametrize(("ini", "eager"), [({"pgshard_migrate": "sql:schema.sql"}, True),
+                                           ({"pgshard_env": "DATABASE_URL={url}"}, True),
+                                           ({"pgshard_redirect": "app_test"}, True),
+                                           ({"pgshard_app": "app:app", "pgshard_url": "postgresql://h/db"}, False)])
+def test_only_options_the_projects_own_code_uses_make_pgshard_eager(ini: dict[str, str], eager: bool,
+                                                                   tmp_path: Path) -> None:
+    from pgshard.settings import resolve
+
+    assert resolve({}, {}, lambda key: ini.get(key), tmp_path).eager is eager
 
 
 @pytest.mark.parametrize("xdist", [("-n", "2"), ()], ids=["n2", "serial"])
