@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shlex
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +17,15 @@ from benchmarks import report
 from benchmarks.contenders import Contender
 from benchmarks.generate import Project, generate
 from benchmarks.runner import Dirs, RunResult, run
-from benchmarks.server import Bench, bench_server, code_version, default_server_dir, machine, stop_embedded
+from benchmarks.server import (
+    Bench,
+    bench_server,
+    code_version,
+    default_server_dir,
+    keep_running,
+    machine,
+    stop_embedded,
+)
 
 HERE = Path(__file__).resolve().parent
 
@@ -69,7 +79,20 @@ def _dirs(server_dir: Path) -> Dirs:
     def sibling(suffix: str) -> Path:
         return server_dir.with_name(server_dir.name + suffix)
 
-    return Dirs(server_dir, sibling("-warm"), sibling("-cold"))
+    return Dirs(server_dir, sibling("-warm"), sibling("-cold"), sibling("-running"))
+
+
+@contextlib.contextmanager
+def servers(chosen: list[Contender], dirs: Dirs) -> Iterator[None]:
+    """The contenders' own embedded servers: the ``running`` one kept up for the whole benchmark (what
+    `pgshard server start` does, the stand-in for a lingering server), and none of them left behind."""
+    if any(c.server == "running" for c in chosen):
+        keep_running(dirs.running)
+    try:
+        yield
+    finally:
+        for path in (dirs.warm, dirs.cold, dirs.running):
+            stop_embedded(path, remove=True)
 
 
 def profile(args: argparse.Namespace) -> int:
@@ -80,15 +103,11 @@ def profile(args: argparse.Namespace) -> int:
     project = generate(args.work_dir.resolve(), args.size)
     dirs = _dirs(args.server_dir.resolve())
     out = project.root.parent / f"profile-{contender.name}.prof"  # the work dir: never committed by accident
-    with bench_server(dirs.shared) as bench:
-        try:
-            bench.prepare_base(project.root)
-            _run(contender, bench, project, dirs, args.subset, 0)
-            _prepare(contender, bench, dirs)
-            result = run(contender, bench, project, dirs, args.subset, 1, profile=out)
-        finally:
-            stop_embedded(dirs.warm, remove=True)
-            stop_embedded(dirs.cold, remove=True)
+    with bench_server(dirs.shared) as bench, servers([contender], dirs):
+        bench.prepare_base(project.root)
+        _run(contender, bench, project, dirs, args.subset, 0)
+        _prepare(contender, bench, dirs)
+        result = run(contender, bench, project, dirs, args.subset, 1, profile=out)
     print(f"{contender.name}: {result.wall:.2f} s under cProfile (pytest's own process only); profile in {out}")
     pstats.Stats(str(out)).sort_stats("cumulative").print_stats(args.top)
     return 0 if result.ok else 1
@@ -121,7 +140,7 @@ def run_benchmarks(args: argparse.Namespace) -> int:
     print(f"pgshard benchmarks ({code}): {len(project.tests)} tests, {args.rounds} round(s), {len(chosen)} contenders; "
           f"project in {project.root}", flush=True)
     with bench_server(server_dir) as bench:
-        try:
+        with servers(chosen, dirs):
             bench.prepare_base(project.root)
             for contender in chosen:
                 if contender.warmup:
@@ -131,9 +150,6 @@ def run_benchmarks(args: argparse.Namespace) -> int:
             for round_no in range(1, args.rounds + 1):
                 for contender in chosen:
                     results.append(_run(contender, bench, project, dirs, args.subset, round_no))
-        finally:
-            stop_embedded(dirs.warm, remove=True)
-            stop_embedded(dirs.cold, remove=True)
         facts = machine(bench)
     facts["load_during_runs"] = report.load_summary(results, int(facts["cores"] or 1))
     config = {"command": "python -m benchmarks " + shlex.join(sys.argv[1:] if args.argv is None else args.argv),

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-GROUPS = ("strategies", "peers", "scaling")
+GROUPS = ("strategies", "peers", "scaling", "startup")
 CONFTESTS = "benchmarks.conftests."
 
 
@@ -19,11 +19,13 @@ class Contender:
     name: str
     label: str
     groups: tuple[str, ...]
-    selection: str  # full, subset, one, commit
+    selection: str  # full, subset, one, four, commit
     conftest: str | None = None  # module under benchmarks/conftests; None: pgshard, configured by the ini
     args: tuple[str, ...] = ()
     env: dict[str, str] = field(default_factory=dict)
-    server: str = "shared"  # shared (--pg-url), warm (own embedded, cached), cold (own embedded, fresh dir)
+    # shared (--pg-url), warm (own embedded, cached, stopped), cold (own embedded, fresh dir), running (own
+    # embedded kept up between runs, as `pgshard server start` does: the stand-in for pgshard_linger)
+    server: str = "shared"
     warmup: bool = False  # run once, untimed, before round 1 (bytecode, templates)
 
     @property
@@ -35,14 +37,14 @@ class Contender:
         """The bare run on the same tests, which this contender's overhead is measured against."""
         if self.conftest == "bare" or self.selection == "commit" or self.args or self.env:
             return None
-        return {"full": "bare", "subset": "bare_subset", "one": "bare_one"}[self.selection]
+        return {"full": "bare", "subset": "bare_subset", "one": "bare_one", "four": "bare_four_n2"}[self.selection]
 
 
 WORK = {"BENCH_WORK_MS": "10"}
 
 ALL: tuple[Contender, ...] = (
-    Contender("bare", "bare connection, no isolation", GROUPS, "full", "bare", warmup=True),
-    Contender("pgshard", "pgshard savepoint (db_session)", GROUPS, "full", warmup=True),
+    Contender("bare", "bare connection, no isolation", GROUPS[:3], "full", "bare", warmup=True),
+    Contender("pgshard", "pgshard savepoint (db_session)", GROUPS[:3], "full", warmup=True),
     Contender("truncate", "TRUNCATE 30 tables + re-seed", ("strategies",), "subset", "truncate"),
     Contender("pytest_postgresql", "pytest-postgresql (clone per test)", ("peers",), "full",
               "pytest_postgresql_peer"),
@@ -61,8 +63,14 @@ ALL: tuple[Contender, ...] = (
               args=("-n", "2"), env=WORK),
     Contender("commit_pool", "pgshard db_commit (pre-warmed pool)", ("scaling",), "commit", warmup=True),
     Contender("commit_naive", "naive clone per db_commit test", ("scaling",), "commit", "clone_per_test"),
-    Contender("bare_one", "bare connection, 1 test", ("scaling",), "one", "bare"),
+    Contender("bare_one", "bare connection, 1 test", ("scaling", "startup"), "one", "bare"),
+    Contender("bare_four_n2", "bare connection, -n 2, 4 tests", ("scaling", "startup"), "four", "bare",
+              args=("-n", "2")),
+    Contender("start_n2_server", "-n 2: embedded kept up, 4 tests", ("scaling", "startup"), "four",
+              args=("-n", "2"), server="running"),
     Contender("start_warm_url", "warm: server running, template cached", ("scaling",), "one"),
+    Contender("start_warm_server", "warm: embedded kept up (`pgshard server start`)", ("scaling", "startup"), "one",
+              server="running", warmup=True),
     Contender("start_warm_embedded", "warm: embedded server stopped, cache kept", ("scaling",), "one",
               server="warm", warmup=True),
     Contender("start_cold_rebuild", "cold: --pg-rebuild (template built)", ("scaling",), "one",

@@ -27,14 +27,17 @@ _SCRUB = ("PYTEST_", "PGSHARD_", "BENCH_", "COV_CORE_")
 
 @dataclass
 class Dirs:
-    """Cache directories of the pgshard runs: locks (shared server), and the warm/cold contenders' own servers."""
+    """Cache directories of the pgshard runs: locks (shared server), and the warm/cold/running contenders' own
+    servers."""
 
     shared: Path
     warm: Path
     cold: Path
+    running: Path
 
     def for_contender(self, contender: Contender) -> Path:
-        return {"shared": self.shared, "warm": self.warm, "cold": self.cold}[contender.server]
+        return {"shared": self.shared, "warm": self.warm, "cold": self.cold, "running": self.running}[
+            contender.server]
 
 
 @dataclass
@@ -63,6 +66,8 @@ def selection_args(contender: Contender, project: Project, subset: int) -> tuple
         return chosen, len(chosen)
     if contender.selection == "one":
         return [project.tests[0]], 1
+    if contender.selection == "four":  # xdist hands out at least 2 tests a worker: both -n 2 workers get some
+        return list(project.tests[:4]), 4
     return ["commit_tests"], len(project.commit_tests)
 
 

@@ -106,11 +106,24 @@ def bench_server(server_dir: Path) -> Iterator[Bench]:
         lock.release()
 
 
+def keep_running(cache_dir: Path) -> None:
+    """Start the embedded server of ``cache_dir`` and keep it up between runs, exactly as
+    `pgshard server start` does (a lease, the persistent flag, the lease dropped)."""
+    server = EmbeddedServer(cache_dir=cache_dir)
+    server.acquire()
+    try:
+        server.set_persistent(True)
+    finally:
+        server.release()
+
+
 def stop_embedded(cache_dir: Path, remove: bool = False) -> None:
-    """Make sure no server of a warm/cold contender's cache directory is left running."""
+    """Make sure no server of a warm/cold/running contender's cache directory is left running."""
     if cache_dir.exists():
         with contextlib.suppress(Exception):
-            EmbeddedServer(cache_dir=cache_dir).stop()
+            server = EmbeddedServer(cache_dir=cache_dir)
+            server.set_persistent(False)
+            server.stop()
         if remove:
             shutil.rmtree(cache_dir, ignore_errors=True)
 

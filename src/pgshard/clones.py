@@ -59,14 +59,14 @@ class Clones:
     """Creates this worker's clones of the template, keeps a pool warm, and drops them all at the end."""
 
     def __init__(self, admin_url: str, server: ServerInfo, template: str, *, prefix: str, run_id: str,
-                 worker_id: str, pool_size: int = 2) -> None:
+                 worker_id: str, pool_size: int = 2, admin: Admin | None = None) -> None:
         self.server = server
         self.template = template
         self.prefix = prefix
         self.run_id = run_id
         self.worker_id = worker_id
         self.pool_size = pool_size
-        self.admin = Admin(admin_url, prefix)
+        self.admin = admin or Admin(admin_url, prefix)  # a given one is ours from now on: close() closes it
         self.times = CloneTimes()
         self.created: list[str] = []
         self._counter = 0

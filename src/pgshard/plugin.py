@@ -189,6 +189,10 @@ class _XdistHooks:
     def __init__(self, config: pytest.Config) -> None:
         self.config = config
 
+    def pytest_xdist_setupnodes(self, config: pytest.Config, specs: Any) -> None:
+        """The controller hands the template and clones to its workers: its start-up connection is done."""
+        self.config.stash[RUN].close_admin()
+
     def pytest_testnodedown(self, node: Any, error: Any) -> None:
         stats = getattr(node, "workeroutput", {}).get("pgshard")
         if stats:

@@ -46,6 +46,7 @@ class Run:
     timings: dict[str, float] = field(default_factory=dict)
     clone_times: CloneTimes | None = None
     wants_commit_pool: bool = False
+    admin: Admin | None = None  # shared by the start-up checks, closed once the template is known
     shard_emptied: bool = False  # --shard deselected every collected test
     finished: set[str] = field(default_factory=set)  # databases this worker made and has dropped at its end
     notes: list[str] = field(default_factory=list)  # said once in the summary (a blind command cache, a repair)
@@ -74,11 +75,24 @@ class Run:
             self.server = self.lease.info
             self.notes.extend(self.lease.notes)
             self.timings["server"] = time.perf_counter() - started
-            with Admin(self.server.url, self.settings.prefix) as admin:
-                self.stale_dropped = drop_stale(admin, self.settings.stale_ttl_hours)
+            self.stale_dropped = drop_stale(self._admin(), self.settings.stale_ttl_hours)
         return self.server
 
+    def _admin(self) -> Admin:
+        """One admin connection for this process's start-up (stale runs, template, then the clones), not one
+        each: a connection costs a server backend's start, which a warm run would otherwise pay three times."""
+        assert self.server is not None
+        if self.admin is None:
+            self.admin = Admin(self.server.url, self.settings.prefix)
+        return self.admin
+
+    def close_admin(self) -> None:
+        if self.admin is not None:
+            self.admin.close()
+            self.admin = None
+
     def stop_server(self) -> None:
+        self.close_admin()
         if self.lease is not None:
             self.lease.release()
             self.lease = None
@@ -156,20 +170,21 @@ class Run:
                 self.notes += [f"pgshard_migrate step {spec!r} names no file pgshard can hash: its template is "
                                "reused until the command's text changes; list what it reads in pgshard_fingerprint"
                                for spec in blind_commands(migrators)]
-            with Admin(server.url, self.settings.prefix) as admin:
-                template = Template(admin, server, migrators, lock_dir=lock_dir, run_id=self.run_id,
-                                    rebuild=self.settings.rebuild, keep=self.settings.keep_templates,
-                                    env_lines=self.settings.env, inputs=inputs,
-                                    project=project_key(self.settings.rootdir))
-                self.template = template.ensure()
+            template = Template(self._admin(), server, migrators, lock_dir=lock_dir, run_id=self.run_id,
+                                rebuild=self.settings.rebuild, keep=self.settings.keep_templates,
+                                env_lines=self.settings.env, inputs=inputs,
+                                project=project_key(self.settings.rootdir))
+            self.template = template.ensure()
         return self.template
 
     def worker_database(self) -> Database:
         if self.database is None:
             template = self.ensure_template()
             assert self.server is not None
+            admin, self.admin = self.admin, None  # the start-up connection goes on serving the clones
             self.clones = Clones(self.server.url, self.server, template.name, prefix=self.settings.prefix,
-                                 run_id=self.run_id, worker_id=self.worker_id, pool_size=self.settings.commit_pool)
+                                 run_id=self.run_id, worker_id=self.worker_id, pool_size=self.settings.commit_pool,
+                                 admin=admin)
             self.clone_times = self.clones.times
             self.database = self.clones.worker_database()
         return self.database
@@ -219,6 +234,8 @@ class Run:
         """Drop this worker's clones (or keep them, with --pg-keep). Never raises: it runs in pytest's
         session teardown, where a server that died mid-run would otherwise print a traceback wall; the
         reason goes to the summary and the next run (or `pgshard clean`) drops what is left."""
+        with contextlib.suppress(Exception):
+            self.close_admin()
         if self.clones is not None:
             clones, self.clones = self.clones, None
             self.finished.update(clones.created)

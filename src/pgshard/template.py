@@ -172,6 +172,8 @@ class Template:
     def ensure(self) -> TemplateResult:
         name = self.name
         started = time.perf_counter()
+        if self._usable():  # the warm path: a sealed template needs neither lock (a build re-checks under both)
+            return TemplateResult(name, self.fingerprint(), False, 0.0, time.perf_counter() - started)
         # removed when done (one file per fingerprint would pile up); a waiter past a few seconds says who builds
         lock = HolderLock(self._lock_path(), f"checking or building template {name}", timeout=1800, remove=True)
         try:
