@@ -13,11 +13,15 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import contenders as registry
-from benchmarks import report
+from benchmarks import realistic, report
 from benchmarks.contenders import Contender
 from benchmarks.generate import Project, generate
-from benchmarks.runner import Dirs, RunResult, run
+from benchmarks.peers import Peers
+from benchmarks.peers import ensure as ensure_peers
+from benchmarks.realistic import REAL_DB
+from benchmarks.runner import Dirs, RunResult, run, sa_alembic_database
 from benchmarks.server import (
+    SQLA_DB,
     Bench,
     bench_server,
     code_version,
@@ -25,6 +29,7 @@ from benchmarks.server import (
     keep_running,
     machine,
     stop_embedded,
+    url_of,
 )
 
 HERE = Path(__file__).resolve().parent
@@ -47,6 +52,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         each.add_argument("--size", type=int, default=1000, help="tests in the generated suite (default 1000)")
         each.add_argument("--subset", type=int, default=40, help="tests the expensive strategies run on (default 40)")
         each.add_argument("--work-dir", type=Path, default=HERE / "work", help="where the suite is generated")
+        each.add_argument("--peers-dir", type=Path, default=HERE / "work",
+                          help="where the peers' venv and node packages live (default: %(default)s)")
+        each.add_argument("--real-project", type=Path, default=realistic.DEFAULT,
+                          help="the real-shaped project (default: %(default)s)")
         each.add_argument("--server-dir", type=Path, default=default_server_dir(),
                           help="cache directory of the benchmark's PostgreSQL server (default: %(default)s)")
     args = parser.parse_args(argv)
@@ -59,13 +68,23 @@ def _prepare(contender: Contender, bench: Bench, dirs: Dirs) -> None:
     """Untimed set-up before a run: a clean bare database, an empty cache dir for the cold start."""
     if contender.conftest == "bare":
         bench.reset_bare()
+    if contender.peer == "pytest-sqla":
+        bench.reset_bare(SQLA_DB)
+    if contender.peer == "pytest-sqlalchemy-alembic":  # the app's own database exists; it connects there first
+        bench.ensure_database(sa_alembic_database(contender))
     if contender.server == "cold":
         stop_embedded(dirs.cold, remove=True)
 
 
-def _run(contender: Contender, bench: Bench, project: Project, dirs: Dirs, subset: int, round_no: int) -> RunResult:
+def _run(contender: Contender, bench: Bench, project: Project, dirs: Dirs, subset: int, round_no: int,
+         peers: Peers | None = None, real: Project | None = None) -> RunResult:
     _prepare(contender, bench, dirs)
-    result = run(contender, bench, project, dirs, subset, round_no)
+    if contender.real and real is not None:
+        project = real
+        if contender.conftest == "own":  # its plain database, migrated and seeded as its README says
+            bench.admin(f'DROP DATABASE IF EXISTS "{REAL_DB}" WITH (FORCE)', f'CREATE DATABASE "{REAL_DB}"')
+            realistic.prepare_own_database(url_of(bench.url, REAL_DB), project.root)
+    result = run(contender, bench, project, dirs, subset, round_no, peers=peers)
     status = "ok" if result.ok else "FAILED"
     tag = "warm-up" if round_no == 0 else f"round {round_no}"
     print(f"  [{tag}] {contender.name:<22} {result.wall:8.2f} s  {result.passed}/{result.expected} {status}",
@@ -95,6 +114,52 @@ def servers(chosen: list[Contender], dirs: Dirs) -> Iterator[None]:
             stop_embedded(path, remove=True)
 
 
+def real_project(chosen: list[Contender], args: argparse.Namespace) -> tuple[list[Contender], Project | None]:
+    if not any(c.real for c in chosen):
+        return chosen, None
+    why = realistic.missing(args.real_project)
+    if why:
+        print(f"real-shaped scenario skipped: {why}", flush=True)
+        return [c for c in chosen if not c.real], None
+    return chosen, realistic.copy(args.real_project.resolve(), args.work_dir.resolve())
+
+
+def install_peers(chosen: list[Contender], work_dir: Path) -> tuple[list[Contender], Peers | None]:
+    """The peers venv, when any chosen contender needs it; contenders whose peer cannot install are dropped
+    (and said so), the rest run."""
+    wanted = sorted({c.peer for c in chosen if c.peer})
+    if not wanted:
+        return chosen, None
+    peers = ensure_peers(work_dir, wanted)
+    for dist, version in sorted(peers.versions.items()):
+        print(f"peer {dist} {version}", flush=True)
+    for dist, why in sorted(peers.dropped.items()):
+        print(f"peer {dist} DROPPED: {why}", flush=True)
+    return [c for c in chosen if not c.peer or peers.has(c.peer)], peers
+
+
+# Serial runs of every kind of isolation (and of none): each is checked with the probes in a shuffled order.
+ISOLATION = ("bare", "pgshard", "pytest_postgresql", "sqla", "sa_alembic", "sa_alembic_recipe", "pglite")
+SEED = 20261126
+
+
+def isolation(chosen: list[Contender], bench: Bench, project: Project, dirs: Dirs,
+              peers: Peers | None) -> dict[str, dict[str, Any]]:
+    """Run the isolation probes once per contender, shuffled; a contender that isolates passes them all."""
+    found: dict[str, dict[str, Any]] = {}
+    for contender in chosen:
+        if contender.name not in ISOLATION:
+            continue
+        _prepare(contender, bench, dirs)
+        tests = (list(project.isolation_tests), len(project.isolation_tests))
+        result = run(contender, bench, project, dirs, 0, 0, peers=peers, shuffle=SEED, tests=tests)
+        found[contender.name] = {"passed": result.passed, "expected": result.expected,
+                                 "isolated": result.ok, "seed": SEED}
+        verdict = "isolated" if result.ok else f"NOT isolated ({result.expected - result.passed} probes failed)"
+        print(f"  [isolation] {contender.name:<22} {result.passed}/{result.expected} shuffled: {verdict}", flush=True)
+    return found
+
+
 def profile(args: argparse.Namespace) -> int:
     """One warm-up run, then one under cProfile; prints the top functions by cumulative time."""
     import pstats
@@ -102,12 +167,17 @@ def profile(args: argparse.Namespace) -> int:
     contender = registry.BY_NAME[args.contender]
     project = generate(args.work_dir.resolve(), args.size)
     dirs = _dirs(args.server_dir.resolve())
+    chosen, peers = install_peers([contender], args.peers_dir.resolve())
+    chosen, real = real_project(chosen, args)
+    if not chosen:
+        return 1
     out = project.root.parent / f"profile-{contender.name}.prof"  # the work dir: never committed by accident
     with bench_server(dirs.shared) as bench, servers([contender], dirs):
         bench.prepare_base(project.root)
-        _run(contender, bench, project, dirs, args.subset, 0)
+        _run(contender, bench, project, dirs, args.subset, 0, peers, real)
         _prepare(contender, bench, dirs)
-        result = run(contender, bench, project, dirs, args.subset, 1, profile=out)
+        result = run(contender, bench, real if contender.real and real else project, dirs, args.subset, 1,
+                     profile=out, peers=peers)
     print(f"{contender.name}: {result.wall:.2f} s under cProfile (pytest's own process only); profile in {out}")
     pstats.Stats(str(out)).sort_stats("cumulative").print_stats(args.top)
     return 0 if result.ok else 1
@@ -132,7 +202,10 @@ def rerender(args: argparse.Namespace) -> int:
 def run_benchmarks(args: argparse.Namespace) -> int:
     chosen = registry.select(args.only)
     started = time.perf_counter()
+    load_before = Path("/proc/loadavg").read_text().strip() if Path("/proc/loadavg").exists() else ""
     project = generate(args.work_dir.resolve(), args.size)
+    chosen, peers = install_peers(chosen, args.peers_dir.resolve())
+    chosen, real = real_project(chosen, args)
     server_dir = args.server_dir.resolve()
     dirs = _dirs(server_dir)
     results: list[RunResult] = []
@@ -144,18 +217,24 @@ def run_benchmarks(args: argparse.Namespace) -> int:
             bench.prepare_base(project.root)
             for contender in chosen:
                 if contender.warmup:
-                    warm = _run(contender, bench, project, dirs, args.subset, 0)
+                    warm = _run(contender, bench, project, dirs, args.subset, 0, peers, real)
                     if not warm.ok:
                         return 1
             for round_no in range(1, args.rounds + 1):
                 for contender in chosen:
-                    results.append(_run(contender, bench, project, dirs, args.subset, round_no))
+                    results.append(_run(contender, bench, project, dirs, args.subset, round_no, peers, real))
+            isolated = isolation(chosen, bench, project, dirs, peers)
         facts = machine(bench)
+    facts["loadavg_before"] = load_before
+    facts["loadavg_after"] = Path("/proc/loadavg").read_text().strip() if load_before else ""
+    if peers is not None:
+        facts["peers"] = {**peers.versions, **{dist: f"dropped: {why}" for dist, why in peers.dropped.items()}}
+        facts["peers_python"] = str(peers.python)
     facts["load_during_runs"] = report.load_summary(results, int(facts["cores"] or 1))
     config = {"command": "python -m benchmarks " + shlex.join(sys.argv[1:] if args.argv is None else args.argv),
               "size": len(project.tests), "rounds": args.rounds, "subset": min(args.subset, len(project.tests)),
               "commit_tests": len(project.commit_tests), "only": args.only, "pgshard": code,
-              "total_seconds": round(time.perf_counter() - started, 1)}
+              "total_seconds": round(time.perf_counter() - started, 1), "isolation": isolated}
     if code_version() != code:  # someone changed pgshard while we measured: the rounds mix two versions
         config["pgshard_changed_during_run"] = code_version()
         print(f"WARNING: pgshard's sources changed during the run (now {code_version()}); rerun to compare like "

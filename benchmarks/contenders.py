@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-GROUPS = ("strategies", "peers", "scaling", "startup")
+GROUPS = ("strategies", "peers", "scaling", "startup", "realistic")
 CONFTESTS = "benchmarks.conftests."
 
 
@@ -19,7 +19,7 @@ class Contender:
     name: str
     label: str
     groups: tuple[str, ...]
-    selection: str  # full, subset, one, four, commit
+    selection: str  # full, subset, one, four, commit, all (the real-shaped project's whole suite)
     conftest: str | None = None  # module under benchmarks/conftests; None: pgshard, configured by the ini
     args: tuple[str, ...] = ()
     env: dict[str, str] = field(default_factory=dict)
@@ -27,6 +27,9 @@ class Contender:
     # embedded kept up between runs, as `pgshard server start` does: the stand-in for pgshard_linger)
     server: str = "shared"
     warmup: bool = False  # run once, untimed, before round 1 (bytecode, templates)
+    peer: str | None = None  # the PyPI distribution it benchmarks: runs in the peers venv (benchmarks/peers.py)
+    options: tuple[str, ...] = ()  # how that peer is configured (extra pytest arguments; not a variant)
+    real: bool = False  # runs on the real-shaped project (benchmarks/realistic.py), not the generated one
 
     @property
     def is_pgshard(self) -> bool:
@@ -35,27 +38,48 @@ class Contender:
     @property
     def baseline(self) -> str | None:
         """The bare run on the same tests, which this contender's overhead is measured against."""
-        if self.conftest == "bare" or self.selection == "commit" or self.args or self.env:
+        if self.conftest == "bare" or self.selection in ("commit", "all") or self.args or self.env:
             return None
         return {"full": "bare", "subset": "bare_subset", "one": "bare_one", "four": "bare_four_n2"}[self.selection]
 
 
 WORK = {"BENCH_WORK_MS": "10"}
+SQLA = ("-o", "sqla_schema=none")  # the harness migrates its database, as a CI step would
+# With pytest-asyncio installed it switches to async fixtures that strict mode refuses in a sync suite: a sync
+# project has no pytest-asyncio, so its runs leave that plugin out.
+SA_ALEMBIC = ("-o", 'sqlalchemy_alembic_configs={"session_maker": "benchapp.db:SessionLocal"}', "-p", "no:asyncio")
+
+# The peers users pick today, on the same tests (see benchmarks/peers.py and the conftests for their set-up).
+PEERS: tuple[Contender, ...] = (
+    Contender("pytest_postgresql", "pytest-postgresql (clone per test)", ("peers",), "full",
+              "pytest_postgresql_peer", peer="pytest-postgresql"),
+    Contender("sqla", "pytest-sqla (rollback per test)", ("peers",), "full", "sqla_peer", peer="pytest-sqla",
+              options=SQLA),
+    Contender("sa_alembic", "pytest-sqlalchemy-alembic, no isolation (as documented)", ("peers",), "full",
+              "sqlalchemy_alembic_peer", peer="pytest-sqlalchemy-alembic", options=(*SA_ALEMBIC, "--createdb")),
+    Contender("sa_alembic_recipe", "pytest-sqlalchemy-alembic + rollback recipe by hand", ("peers",), "full",
+              "sqlalchemy_alembic_recipe", peer="pytest-sqlalchemy-alembic", options=SA_ALEMBIC, warmup=True),
+    Contender("pglite", "py-pglite (its TRUNCATE + re-seed per test)", ("peers",), "full", "pglite_peer",
+              peer="py-pglite"),
+)
 
 ALL: tuple[Contender, ...] = (
     Contender("bare", "bare connection, no isolation", GROUPS[:3], "full", "bare", warmup=True),
     Contender("pgshard", "pgshard savepoint (db_session)", GROUPS[:3], "full", warmup=True),
     Contender("truncate", "TRUNCATE 30 tables + re-seed", ("strategies",), "subset", "truncate"),
-    Contender("pytest_postgresql", "pytest-postgresql (clone per test)", ("peers",), "full",
-              "pytest_postgresql_peer"),
+    PEERS[0],
+    *PEERS[1:],
     Contender("bare_subset", "bare connection, no isolation", ("strategies", "peers"), "subset", "bare"),
     Contender("drop_create", "drop_all + create_all + seed", ("strategies",), "subset", "drop_create"),
     Contender("clone", "CREATE DATABASE TEMPLATE per test", ("strategies",), "subset", "clone_per_test"),
     Contender("blog_recipe", "blog post recipe (alembic subprocess)", ("strategies", "peers"), "subset",
               "blog_recipe"),
-    Contender("pgshard_n2", "pgshard -n 2", ("scaling",), "full", args=("-n", "2")),
+    Contender("pgshard_n2", "pgshard -n 2", ("scaling", "peers"), "full", args=("-n", "2")),
     Contender("pgshard_nauto", "pgshard -n auto", ("scaling",), "full", args=("-n", "auto")),
-    Contender("bare_n2", "bare connection, -n 2 (xdist alone)", ("scaling",), "full", "bare", args=("-n", "2")),
+    Contender("bare_n2", "bare connection, -n 2 (xdist alone)", ("scaling", "peers"), "full", "bare",
+              args=("-n", "2")),
+    *[Contender(f"{c.name}_n2", f"{c.label}, -n 2", ("peers",), "full", c.conftest, args=("-n", "2"), peer=c.peer,
+                options=c.options, warmup=c.warmup) for c in PEERS],
     Contender("work_serial", "pgshard serial, 10 ms work/test", ("scaling",), "full", env=WORK),
     Contender("work_n2", "pgshard -n 2, 10 ms work/test", ("scaling",), "full", args=("-n", "2"), env=WORK),
     Contender("work_bare_serial", "bare serial, 10 ms work/test", ("scaling",), "full", "bare", env=WORK),
@@ -76,6 +100,14 @@ ALL: tuple[Contender, ...] = (
     Contender("start_cold_rebuild", "cold: --pg-rebuild (template built)", ("scaling",), "one",
               args=("--pg-rebuild",)),
     Contender("start_cold_fresh", "cold: fresh cache dir (initdb + build)", ("scaling",), "one", server="cold"),
+    Contender("real_own", "real-shaped project: its own serial run (one plain database)", ("realistic",), "all",
+              "own", real=True),
+    Contender("real_pgshard", "real-shaped project: pgshard serial (ini lines only)", ("realistic",), "all",
+              real=True, warmup=True),
+    Contender("real_pgshard_n2", "real-shaped project: pgshard -n 2", ("realistic",), "all", args=("-n", "2"),
+              real=True),
+    *[Contender(f"{c.name}_one", f"{c.label}, 1 test", ("peers",), "one", c.conftest, peer=c.peer,
+                options=c.options, warmup=c.warmup) for c in PEERS],
 )
 BY_NAME = {c.name: c for c in ALL}
 

@@ -23,6 +23,7 @@ class Project:
     root: Path
     tests: tuple[str, ...]  # node ids of the main suite, in order
     commit_tests: tuple[str, ...]  # node ids of the db_commit suite
+    isolation_tests: tuple[str, ...] = ()  # node ids of the isolation probes (run shuffled)
 
     @property
     def plain_ini(self) -> Path:
@@ -144,6 +145,16 @@ def render_commit_tests(count: int) -> tuple[dict[str, str], list[str]]:
     return {path: "\n".join(parts)}, [f"{path}::test_commit_visible_{i}" for i in range(count)]
 
 
+ISOLATION_PROBES = 8
+
+
+def render_isolation_tests() -> tuple[dict[str, str], list[str]]:
+    parts = [templates.ISOLATION_MODULE_HEAD]
+    parts += [Template(templates.ISOLATION_TEST).substitute(i=i) for i in range(1, ISOLATION_PROBES + 1)]
+    path = "isolation_tests/test_isolation.py"
+    return {path: "\n".join(parts)}, [f"{path}::test_isolation_probe_{i}" for i in range(1, ISOLATION_PROBES + 1)]
+
+
 # -- writing ---------------------------------------------------------------------------------------------------
 def _write(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -161,6 +172,7 @@ def generate(work_dir: Path, size: int) -> Project:
     tables = schema.tables()
     test_files, nodeids = render_tests(size)
     commit_files, commit_ids = render_commit_tests(commit_suite_size(size))
+    isolation_files, isolation_ids = render_isolation_tests()
     files = {
         "pyproject.toml": templates.PYPROJECT,
         "plain.ini": templates.PLAIN_INI,
@@ -175,6 +187,7 @@ def generate(work_dir: Path, size: int) -> Project:
            for n in schema.REVISIONS},
         **test_files,
         **commit_files,
+        **isolation_files,
     }
     for folder in ("tests", "commit_tests"):  # a smaller --size than last time: drop the extra files
         for stale in (root / folder).glob("test_*.py"):
@@ -182,4 +195,4 @@ def generate(work_dir: Path, size: int) -> Project:
                 stale.unlink()
     for relative, text in files.items():
         _write(root / relative, text)
-    return Project(root, tuple(nodeids), tuple(commit_ids))
+    return Project(root, tuple(nodeids), tuple(commit_ids), tuple(isolation_ids))

@@ -6,23 +6,29 @@ from inside a pytest run, possibly an xdist worker) and given only what the cont
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks.contenders import CONFTESTS, Contender
 from benchmarks.generate import Project
-from benchmarks.server import BARE_DB, Bench
+from benchmarks.peers import Peers
+from benchmarks.realistic import REAL_DB
+from benchmarks.server import BARE_DB, SA_ALEMBIC_DB, SA_RECIPE_DB, SQLA_DB, Bench, url_of
 
 REPO = Path(__file__).resolve().parent.parent
 _SCRUB = ("PYTEST_", "PGSHARD_", "BENCH_", "COV_CORE_")
+PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
 
 
 @dataclass
@@ -52,6 +58,7 @@ class RunResult:
     returncode: int
     steady_ms: float = float("nan")  # mean per-test time without the first and last test (see report.py)
     error: str = ""
+    peak_mb: float = 0.0  # peak resident memory of the run's process tree (not the shared server)
 
     @property
     def ok(self) -> bool:
@@ -66,32 +73,61 @@ def selection_args(contender: Contender, project: Project, subset: int) -> tuple
         return chosen, len(chosen)
     if contender.selection == "one":
         return [project.tests[0]], 1
+    if contender.selection == "all":  # its testpaths; how many tests there are is counted in the run
+        return [], -1
     if contender.selection == "four":  # xdist hands out at least 2 tests a worker: both -n 2 workers get some
         return list(project.tests[:4]), 4
     return ["commit_tests"], len(project.commit_tests)
 
 
-def command(contender: Contender, bench: Bench, selection: list[str], profile: Path | None = None) -> list[str]:
+def command(contender: Contender, bench: Bench, selection: list[str], profile: Path | None = None,
+            peers: Peers | None = None, shuffle: int | None = None) -> list[str]:
     profiler = ["-m", "cProfile", "-o", str(profile)] if profile else []
-    args = [sys.executable, *profiler, "-m", "pytest", "-q", "-p", "no:randomly", "-p", "benchmarks.timer"]
-    if contender.is_pgshard:
+    python = str(peers.python) if contender.peer and peers else sys.executable
+    order = ["-p", "randomly", f"--randomly-seed={shuffle}"] if shuffle is not None else ["-p", "no:randomly"]
+    args = [python, *profiler, "-m", "pytest", "-q", *order, "-p", "benchmarks.timer"]
+    if contender.real:  # the project's own ini for its own run; pgshard's ini lines for pgshard's
+        args += ["-p", "no:pytest_postgresql"]
+        args += ["-p", "no:pgshard"] if contender.conftest == "own" else ["-c", "pgshard.ini", "--pg-url", bench.url]
+    elif contender.is_pgshard:
         args += ["-p", "no:pytest_postgresql"]
         if contender.server == "shared":
             args += ["--pg-url", bench.url]
     else:
         args += ["-c", "plain.ini", "-p", "no:pgshard", "-p", CONFTESTS + contender.conftest]  # type: ignore[operator]
-        if contender.conftest != "pytest_postgresql_peer":
+        if contender.peer and peers:  # py-pglite's fixtures come in through our conftest: its plugin stays out
+            args += peers.block_others(None if contender.peer == "py-pglite" else contender.peer)
+        elif contender.conftest != "pytest_postgresql_peer":
             args += ["-p", "no:pytest_postgresql"]
-    return args + list(contender.args) + selection
+    return args + list(contender.args) + list(contender.options) + selection
 
 
-def environment(contender: Contender, bench: Bench, project: Project, dirs: Dirs, timer_out: Path) -> dict[str, str]:
+def sa_alembic_database(contender: Contender) -> str:
+    return SA_RECIPE_DB if contender.conftest == "sqlalchemy_alembic_recipe" else SA_ALEMBIC_DB
+
+
+def peer_env(contender: Contender, bench: Bench, peers: Peers | None) -> dict[str, str]:
+    """Where each peer finds its database: the way its own docs configure it."""
+    if contender.real and contender.conftest == "own":
+        return {"DATABASE_URL": url_of(bench.url, REAL_DB)}
+    if contender.peer == "pytest-sqla":
+        return {"PYTEST_SQLA_URL": url_of(bench.url, SQLA_DB)}
+    if contender.peer == "pytest-sqlalchemy-alembic":  # the app's engine URL; it derives <db>_test_<worker>
+        return {"DATABASE_URL": url_of(bench.url, sa_alembic_database(contender))}
+    if contender.peer == "py-pglite" and peers and peers.pglite_dir:
+        return {"BENCH_PGLITE_DIR": str(peers.pglite_dir)}
+    return {}
+
+
+def environment(contender: Contender, bench: Bench, project: Project, dirs: Dirs, timer_out: Path,
+                peers: Peers | None = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(_SCRUB) and k not in ("DATABASE_URL", "PYTHONPATH")}
     env.update(PYTHONPATH=os.pathsep.join([str(REPO), str(project.root)]), BENCH_PG_URL=bench.url,
                BENCH_PROJECT=str(project.root), BENCH_BARE_DB=BARE_DB, BENCH_TIMER_OUT=str(timer_out),
                PGSHARD_CACHE_DIR=str(dirs.for_contender(contender)))
     env.pop("PYTHONDONTWRITEBYTECODE", None)  # the runs must reuse their bytecode like any rerun does
     env.update(contender.env)
+    env.update(peer_env(contender, bench, peers))
     return env
 
 
@@ -106,21 +142,99 @@ def _cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+class TreeMemory:
+    """Peak resident memory of a process and all its descendants together (xdist workers, node), sampled
+    every 50 ms from /proc in a thread, so the main thread's wait() sees the exit at once (no timing bias)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid, self.peak_kb, self._stop = pid, 0, threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _tree_kb(self) -> int:
+        children, rss = _processes()
+        return sum(rss.get(pid, 0) for pid in _descendants(self.pid, children))
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.05):
+            self.peak_kb = max(self.peak_kb, self._tree_kb())
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        return self.peak_kb / 1024
+
+
+def _descendants(root: int, children: dict[int, list[int]]) -> list[int]:
+    found, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo += children.get(pid, [])
+    return found
+
+
+def _processes() -> tuple[dict[int, list[int]], dict[int, int]]:
+    """Children of every process and its resident memory in kB, from /proc."""
+    children: dict[int, list[int]] = {}
+    rss: dict[int, int] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        pid = int(entry.name)
+        children.setdefault(int(fields[1]), []).append(pid)
+        rss[pid] = int(fields[21]) * PAGE_KB
+    return children, rss
+
+
+def kill_tree(root: int) -> None:
+    """A run past its time limit: end it and everything it started (py-pglite's node runs in a session of its
+    own, out of reach of a process-group kill), children first."""
+    children, _ = _processes()
+    for pid in reversed(_descendants(root, children)):
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def time_limit(tests: int) -> float:
+    """Generous (a second a test on top of five minutes): only a hung run meets it."""
+    return 300.0 + max(tests, 0) * 1.0
+
+
 def run(contender: Contender, bench: Bench, project: Project, dirs: Dirs, subset: int, round_no: int,
-        profile: Path | None = None) -> RunResult:
-    selection, expected = selection_args(contender, project, subset)
+        profile: Path | None = None, peers: Peers | None = None, shuffle: int | None = None,
+        tests: tuple[list[str], int] | None = None) -> RunResult:
+    """One timed run; ``shuffle`` (a seed) runs the tests in a random order, ``tests`` overrides the selection."""
+    selection, expected = tests or selection_args(contender, project, subset)
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         timer_out, log = Path(tmp) / "timer.json", Path(tmp) / "out.txt"
-        env = environment(contender, bench, project, dirs, timer_out)
+        env = environment(contender, bench, project, dirs, timer_out, peers)
+        args = command(contender, bench, selection, profile, peers, shuffle)
         with log.open("w") as out:
             load, cpu, started = os.getloadavg()[0], _cpu(), time.perf_counter()
-            proc = subprocess.run(command(contender, bench, selection, profile), cwd=project.root, env=env,
-                                  stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, check=False)
+            proc = subprocess.Popen(args, cwd=project.root, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL)
+            memory = TreeMemory(proc.pid)
+            limit = threading.Timer(time_limit(expected), kill_tree, (proc.pid,))
+            limit.start()
+            returncode = proc.wait()  # a blocking wait: the exit is seen at once (a polling wait adds ~50 ms)
             wall, cpu = time.perf_counter() - started, _cpu() - cpu
+            limit.cancel()
+            peak = memory.stop()
         timer = json.loads(timer_out.read_text()) if timer_out.exists() else {}
+        if expected < 0:  # the whole suite of a project we did not write: every test it ran must pass
+            expected = max(1, len(timer.get("test_seconds", [])))
         result = RunResult(contender.name, round_no, wall, cpu, load, expected, int(timer.get("passed", 0)),
-                           proc.returncode, steady_ms([float(s) for s in timer.get("test_seconds", [])]))
-        if proc.returncode != 0 or result.passed != expected:
+                           returncode, steady_ms([float(s) for s in timer.get("test_seconds", [])]),
+                           peak_mb=round(peak, 1))
+        if wall >= time_limit(expected):
+            result.error = f"killed after {time_limit(expected):.0f} s (its time limit)\n"
+        if returncode != 0 or result.passed != expected:
             tail = log.read_text().strip().splitlines()[-15:]
-            result.error = f"exit {proc.returncode}, {result.passed}/{expected} passed:\n" + "\n".join(tail)
+            result.error += f"exit {returncode}, {result.passed}/{expected} passed:\n" + "\n".join(tail)
     return result

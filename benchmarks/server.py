@@ -31,7 +31,10 @@ from pgshard.server.embedded import EmbeddedServer
 
 BASE_DB = "bench_base"  # migrated once per harness run; the bare baseline's database is copied from it
 BARE_DB = "bench_bare"
-PACKAGES = ("pytest", "pytest-xdist", "SQLAlchemy", "psycopg", "alembic", "pytest-postgresql", "pytest-pgshard")
+SQLA_DB = "bench_sqla"  # pytest-sqla's: a migrated copy, as for bare (it runs no DDL itself here)
+SA_ALEMBIC_DB = "bench_sa"  # pytest-sqlalchemy-alembic's app URL; it creates bench_sa_test_<worker> itself
+SA_RECIPE_DB = "bench_sarecipe"  # the same with the recipe: its reused databases must never see the other's rows
+PACKAGES = ("pytest", "pytest-xdist", "SQLAlchemy", "psycopg", "alembic", "pytest-pgshard")
 
 
 def default_server_dir() -> Path:
@@ -78,9 +81,13 @@ class Bench:
         config.set_main_option("sqlalchemy.url", url_of(self.url, BASE_DB).replace("%", "%%"))
         command.upgrade(config, "head")
 
-    def reset_bare(self) -> None:
-        self.admin(f'DROP DATABASE IF EXISTS "{BARE_DB}" WITH (FORCE)',
-                   f'CREATE DATABASE "{BARE_DB}" TEMPLATE "{BASE_DB}"')
+    def ensure_database(self, name: str) -> None:
+        if not self.databases(name):
+            self.admin(f'CREATE DATABASE "{name}"')
+
+    def reset_bare(self, name: str = BARE_DB) -> None:
+        """A fresh migrated copy of the base database (for bare and for pytest-sqla), outside the timing."""
+        self.admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)', f'CREATE DATABASE "{name}" TEMPLATE "{BASE_DB}"')
 
 
 @contextlib.contextmanager

@@ -231,15 +231,16 @@ from benchapp.models import Base
 
 config = context.config
 url = config.get_main_option("sqlalchemy.url") or os.environ["DATABASE_URL"]
+target_metadata = Base.metadata  # as Alembic's own template names it (pytest-sqlalchemy-alembic reads it)
 
 if context.is_offline_mode():
-    context.configure(url=url, target_metadata=Base.metadata, literal_binds=True)
+    context.configure(url=url, target_metadata=target_metadata, literal_binds=True)
     with context.begin_transaction():
         context.run_migrations()
 else:
     engine = create_engine(url, poolclass=pool.NullPool)
     with engine.connect() as connection:
-        context.configure(connection=connection, target_metadata=Base.metadata)
+        context.configure(connection=connection, target_metadata=target_metadata)
         with context.begin_transaction():
             context.run_migrations()
     engine.dispose()
@@ -340,3 +341,19 @@ def seed(connection: Connection) -> None:
     for model, batch in rows():
         connection.execute(insert(model), batch)
 '''
+
+ISOLATION_MODULE_HEAD = HEADER + """\
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from benchapp.models import Coupon
+"""
+
+# Every probe commits the same unique code: with isolation each one sees only its own row; without it the
+# second probe to run hits the unique constraint (or counts two). Run in a shuffled order.
+ISOLATION_TEST = """
+def test_isolation_probe_$i(db_session: Session) -> None:
+    db_session.add(Coupon(code="PROBE", percent=$i, active=False))
+    db_session.commit()
+    assert db_session.scalar(select(func.count()).select_from(Coupon).where(Coupon.code == "PROBE")) == 1
+"""

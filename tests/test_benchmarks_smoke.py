@@ -1,7 +1,9 @@
-"""The benchmark harness keeps working: a tiny generated suite, one round, the cheap contenders, real PostgreSQL.
+"""The benchmark harness keeps working: a tiny generated suite, one round, every contender that installs here,
+real PostgreSQL.
 
-The full benchmark (``python -m benchmarks run``) takes minutes and stays out of CI; this runs the same code
-path end to end (generator, server, hand-written conftests, pgshard by ini, timer, report) in seconds.
+The full benchmark (``python -m benchmarks run``) takes many minutes and stays out of CI; this runs the same
+code path end to end (generator, server, hand-written conftests, the peers in their own venv, pgshard by ini,
+start-up contenders, isolation probes, timer, memory sampler, report) on a few tests each.
 """
 
 from __future__ import annotations
@@ -11,28 +13,50 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from pgshard.host import default_cache_dir
 
 REPO = Path(__file__).resolve().parent.parent
 CHEAP = ["bare", "pgshard", "truncate", "drop_create", "clone", "commit_pool", "commit_naive"]
+PEERS = ["pytest_postgresql", "sqla", "sa_alembic", "sa_alembic_recipe", "pglite"]
+STARTUP = ["bare_one", "start_warm_server", "bare_four_n2", "start_n2_server", "pgshard_n2", "sqla_n2"]
+# What each contender's isolation is documented to be: the probes (run shuffled) must agree.
+ISOLATES = {"bare": False, "pgshard": True, "pytest_postgresql": True, "sqla": True, "sa_alembic": False,
+            "sa_alembic_recipe": True, "pglite": True}
 
 
-def test_benchmark_harness_times_every_cheap_contender_on_a_tiny_suite(tmp_path: Path) -> None:
-    results = tmp_path / "results"
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess[str], dict]:
+    tmp = tmp_path_factory.mktemp("bench")
+    results = tmp / "results"
     server_dir = default_cache_dir().with_name(default_cache_dir().name + "-bench-smoke")  # not the real run's
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks", "run", "--size", "6", "--rounds", "1", "--subset", "3",
-         "--only", ",".join(CHEAP), "--work-dir", str(tmp_path / "work"), "--results-dir", str(results),
-         "--server-dir", str(server_dir)],
-        cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+         "--only", ",".join(CHEAP + PEERS + STARTUP), "--work-dir", str(tmp / "work"),
+         "--results-dir", str(results), "--server-dir", str(server_dir)],  # peers: benchmarks/work (reused)
+        cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-
     data = json.loads((results / "results.json").read_text())
+    data["results_dir"] = str(results)
+    return proc, data
+
+
+def test_benchmark_harness_times_every_contender_that_installs_on_a_tiny_suite(smoke: tuple) -> None:
+    proc, data = smoke
     stats = data["contenders"]
-    assert set(stats) == {*CHEAP, "bare_subset"}  # the subset strategies brought their baseline along
+    peers = data["machine"].get("peers", {})
+    dropped = {name for name, what in peers.items() if str(what).startswith("dropped")}
+    for name in dropped:  # a peer that cannot install here is said so, with the reason
+        assert f"peer {name} DROPPED: " in proc.stdout
+    expected = set(CHEAP + STARTUP) | {"bare_subset", "bare_n2"} | {p for p in PEERS if p in stats}
+    assert expected <= set(stats)
+    assert len([p for p in PEERS if p in stats]) + len(dropped & {"pytest-postgresql", "pytest-sqla",
+                                                                  "pytest-sqlalchemy-alembic", "py-pglite"}) >= 4
     for name, stat in stats.items():
         assert stat["errors"] == [], name
         assert len(stat["walls"]) == 1 and stat["walls"][0] > 0, name
+        assert stat["peak_rss_mb"] and stat["peak_rss_mb"] > 10, name  # a python process tree, measured
     assert all(run["passed"] == run["expected"] > 0 for run in data["runs"])
     assert {run["expected"] for run in data["runs"] if run["name"] == "pgshard"} == {6}
     assert {run["expected"] for run in data["runs"] if run["name"] == "truncate"} == {3}
@@ -42,8 +66,29 @@ def test_benchmark_harness_times_every_cheap_contender_on_a_tiny_suite(tmp_path:
     # Rebuilding the schema per test must cost more than a savepoint, whatever the noise of a tiny run.
     assert stats["drop_create"]["inrun_overhead_ms"] > stats["pgshard"]["inrun_overhead_ms"]
 
-    markdown = (results / "results.md").read_text()
+    markdown = (Path(data["results_dir"]) / "results.md").read_text()
     for stat in stats.values():
         assert stat["label"] in markdown
     assert data["machine"]["postgresql"] and data["machine"]["cores"] >= 1
+    assert data["machine"]["loadavg_before"] and data["machine"]["loadavg_after"]
     assert "| target |" in proc.stdout  # the headline table is printed too
+
+
+def test_benchmark_isolation_probes_find_the_contenders_that_do_not_isolate(smoke: tuple) -> None:
+    _, data = smoke
+    found = data["config"]["isolation"]
+    ran = {name: ISOLATES[name] for name in ISOLATES if name in data["contenders"]}
+    assert {name: v["isolated"] for name, v in found.items()} == ran
+    for name, verdict in found.items():
+        assert verdict["expected"] == 8, name
+        if not ran[name]:  # the first probe passes; the ones after it see its row
+            assert 0 < verdict["passed"] < verdict["expected"], name
+
+
+def test_benchmark_start_up_targets_compare_against_the_bare_floor(smoke: tuple) -> None:
+    _, data = smoke
+    goals = {t["what"]: t for t in data["targets"]}
+    warm = next(t for what, t in goals.items() if what.startswith("warm start over bare pytest"))
+    parallel = next(t for what, t in goals.items() if what.startswith("-n 2 start over bare -n 2"))
+    for target in (warm, parallel):
+        assert isinstance(target["measured"], float)  # a difference of two measured walls, either sign
