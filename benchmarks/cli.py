@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import shlex
+import signal
 import sys
 import time
 from collections.abc import Iterator
@@ -56,6 +58,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                           help="where the peers' venv and node packages live (default: %(default)s)")
         each.add_argument("--real-project", type=Path, default=realistic.DEFAULT,
                           help="the real-shaped project (default: %(default)s)")
+        each.add_argument("--before-src", type=Path, help="another pgshard's src/ (e.g. `git archive main src | "
+                          "tar -x -C /tmp/before`): the *_before contenders run it, for before/after start-up")
         each.add_argument("--server-dir", type=Path, default=default_server_dir(),
                           help="cache directory of the benchmark's PostgreSQL server (default: %(default)s)")
     args = parser.parse_args(argv)
@@ -206,6 +210,10 @@ def run_benchmarks(args: argparse.Namespace) -> int:
     project = generate(args.work_dir.resolve(), args.size)
     chosen, peers = install_peers(chosen, args.peers_dir.resolve())
     chosen, real = real_project(chosen, args)
+    if args.before_src:  # read by the runner: PYTHONPATH of the --before-src contenders
+        os.environ["BENCH_BEFORE_SRC"] = str(args.before_src.resolve())
+    else:
+        chosen = [c for c in chosen if not c.before]
     server_dir = args.server_dir.resolve()
     dirs = _dirs(server_dir)
     results: list[RunResult] = []
@@ -245,7 +253,15 @@ def run_benchmarks(args: argparse.Namespace) -> int:
     return 0 if all(r.ok for r in results) else 1
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> int:
+    # Started in the background, a harness inherits an ignored SIGINT: take both signals back, so that an
+    # interrupted run still stops its servers (the finally blocks) instead of leaving them behind.
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
     args = parse(argv)
     args.argv = argv
     commands = {"run": run_benchmarks, "profile": profile, "report": rerender}

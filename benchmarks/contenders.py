@@ -30,6 +30,7 @@ class Contender:
     peer: str | None = None  # the PyPI distribution it benchmarks: runs in the peers venv (benchmarks/peers.py)
     options: tuple[str, ...] = ()  # how that peer is configured (extra pytest arguments; not a variant)
     real: bool = False  # runs on the real-shaped project (benchmarks/realistic.py), not the generated one
+    before: bool = False  # runs the pgshard sources given with --before-src (a before/after comparison)
 
     @property
     def is_pgshard(self) -> bool:
@@ -92,6 +93,10 @@ ALL: tuple[Contender, ...] = (
               args=("-n", "2")),
     Contender("start_n2_server", "-n 2: embedded kept up, 4 tests", ("scaling", "startup"), "four",
               args=("-n", "2"), server="running"),
+    Contender("start_warm_server_before", "warm: embedded kept up, --before-src", ("startup",), "one",
+              server="running", before=True),
+    Contender("start_n2_server_before", "-n 2: embedded kept up, 4 tests, --before-src", ("startup",), "four",
+              args=("-n", "2"), server="running", before=True),
     Contender("start_warm_url", "warm: server running, template cached", ("scaling",), "one"),
     Contender("start_warm_server", "warm: embedded kept up (`pgshard server start`)", ("scaling", "startup"), "one",
               server="running", warmup=True),

@@ -122,7 +122,8 @@ def peer_env(contender: Contender, bench: Bench, peers: Peers | None) -> dict[st
 def environment(contender: Contender, bench: Bench, project: Project, dirs: Dirs, timer_out: Path,
                 peers: Peers | None = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(_SCRUB) and k not in ("DATABASE_URL", "PYTHONPATH")}
-    env.update(PYTHONPATH=os.pathsep.join([str(REPO), str(project.root)]), BENCH_PG_URL=bench.url,
+    before = [os.environ["BENCH_BEFORE_SRC"]] if contender.before and os.environ.get("BENCH_BEFORE_SRC") else []
+    env.update(PYTHONPATH=os.pathsep.join([*before, str(REPO), str(project.root)]), BENCH_PG_URL=bench.url,
                BENCH_PROJECT=str(project.root), BENCH_BARE_DB=BARE_DB, BENCH_TIMER_OUT=str(timer_out),
                PGSHARD_CACHE_DIR=str(dirs.for_contender(contender)))
     env.pop("PYTHONDONTWRITEBYTECODE", None)  # the runs must reuse their bytecode like any rerun does

@@ -49,7 +49,7 @@ def test_benchmark_harness_times_every_contender_that_installs_on_a_tiny_suite(s
     dropped = {name for name, what in peers.items() if str(what).startswith("dropped")}
     for name in dropped:  # a peer that cannot install here is said so, with the reason
         assert f"peer {name} DROPPED: " in proc.stdout
-    expected = set(CHEAP + STARTUP) | {"bare_subset", "bare_n2"} | {p for p in PEERS if p in stats}
+    expected = set(CHEAP + STARTUP) | {"bare_subset"} | {p for p in PEERS if p in stats}
     assert expected <= set(stats)
     assert len([p for p in PEERS if p in stats]) + len(dropped & {"pytest-postgresql", "pytest-sqla",
                                                                   "pytest-sqlalchemy-alembic", "py-pglite"}) >= 4

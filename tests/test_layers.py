@@ -325,3 +325,56 @@ def test_a_step_that_kills_the_build_process_is_named_with_its_last_words(
                                              r"\(python -m pgshard.build\) exited with 7: disk quota exceeded"):
         template.ensure()
     assert admin.databases() == []
+
+
+def test_a_sealed_template_is_reused_while_another_process_holds_its_build_lock(
+        admin: Admin, pg_server: ServerInfo, tmp_path: Path, admin_conn: psycopg.Connection) -> None:
+    """The warm path: a sealed template is checked without the file and advisory locks, so a long build of
+    another run (holding them) never delays a run whose template is ready."""
+    import threading
+
+    from pgshard.admin import lock_key
+
+    _migrations(tmp_path, "CREATE TABLE a (id int primary key);")
+    built = Template(admin, pg_server, parse_migrators(["sql:sql/"], tmp_path), lock_dir=tmp_path, run_id="a").ensure()
+    admin_conn.execute("SELECT pg_advisory_lock(%s)", (lock_key(built.name),))  # "another run" holds it
+    outcome: list[object] = []
+    with Admin(pg_server.url, admin.prefix) as other:
+        template = Template(other, pg_server, parse_migrators(["sql:sql/"], tmp_path), lock_dir=tmp_path, run_id="b")
+        worker = threading.Thread(target=lambda: outcome.append(template.ensure()), daemon=True)
+        worker.start()
+        worker.join(timeout=120)  # generous: it must not wait for the lock at all, which would be forever
+        still_waiting = worker.is_alive()
+        admin_conn.execute("SELECT pg_advisory_unlock(%s)", (lock_key(built.name),))
+        worker.join(timeout=120)
+    assert not still_waiting
+    assert len(outcome) == 1 and not outcome[0].built and outcome[0].name == built.name  # type: ignore[attr-defined]
+
+
+def test_a_warm_start_opens_one_admin_connection_for_stale_cleanup_template_and_clone(
+        pg_server: ServerInfo, prefix: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each connection costs a server backend's start: a warm run's start-up shares one (plus the server's
+    own version check), instead of one for stale runs, one for the template and one for the clones."""
+    from pgshard import admin as admin_module
+    from pgshard.run import Run
+
+    _migrations(tmp_path, "CREATE TABLE a (id int primary key);")
+    settings = resolve({}, {}, lambda key: {"pgshard_migrate": ["sql:sql/"], "pgshard_prefix": prefix,
+                                            "pgshard_url": pg_server.url}.get(key), tmp_path)
+    Run(settings, "warm0000", "main", server=pg_server).ensure_template()  # the template exists: a warm start next
+    opened: list[int] = []
+    real_connect = admin_module.connect
+    monkeypatch.setattr(admin_module, "connect", lambda url, **kw: opened.append(1) or real_connect(url, **kw))
+    run = Run(settings, "warm0001", "main", server=pg_server)
+    try:
+        run.stale_dropped = drop_stale(run._admin(), settings.stale_ttl_hours)  # as start_server does
+        assert not run.ensure_template().built
+        database = run.worker_database()
+        assert database.name in {db.name for db in run.clones.admin.databases()}  # type: ignore[union-attr]
+        assert len(opened) == 1
+    finally:
+        run.finish()
+        with Admin(pg_server.url, prefix) as cleanup:
+            for db in cleanup.databases():
+                if db.marker is not None:
+                    cleanup.drop(db.name, force=True)
