@@ -50,7 +50,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     prof = sub.add_parser("profile", help="run one contender once under cProfile and print where time goes")
     prof.add_argument("contender", choices=list(registry.BY_NAME))
     prof.add_argument("--top", type=int, default=40, help="how many functions to print (default 40)")
-    for each in (bench, prof):
+    stages = sub.add_parser("phases", help="where start-up goes, per process: bare vs pgshard, serial and -n 2")
+    stages.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5)")
+    for each in (bench, prof, stages):
         each.add_argument("--size", type=int, default=1000, help="tests in the generated suite (default 1000)")
         each.add_argument("--subset", type=int, default=40, help="tests the expensive strategies run on (default 40)")
         each.add_argument("--work-dir", type=Path, default=HERE / "work", help="where the suite is generated")
@@ -187,6 +189,52 @@ def profile(args: argparse.Namespace) -> int:
     return 0 if result.ok else 1
 
 
+PHASE_CONTENDERS = ("bare_one", "start_warm_server", "start_warm_server_before", "bare_four_n2", "start_n2_server",
+                    "start_n2_server_before")
+
+
+def phases(args: argparse.Namespace) -> int:
+    """Interleaved rounds of the start-up contenders with benchmarks/phases.py loaded; medians per phase."""
+    import statistics
+
+    chosen = [registry.BY_NAME[n] for n in PHASE_CONTENDERS if args.before_src or not n.endswith("_before")]
+    if args.before_src:
+        os.environ["BENCH_BEFORE_SRC"] = str(args.before_src.resolve())
+    project = generate(args.work_dir.resolve(), args.size)
+    dirs = _dirs(args.server_dir.resolve())
+    out = project.root.parent / "phases.jsonl"
+    found: dict[str, dict[str, dict[str, list[float]]]] = {}
+    walls: dict[str, list[float]] = {}
+    print(f"load before: {Path('/proc/loadavg').read_text().strip()}", flush=True)
+    with bench_server(dirs.shared) as bench, servers(chosen, dirs):
+        bench.prepare_base(project.root)
+        for contender in chosen:  # untimed warm-up: bytecode, template
+            _prepare(contender, bench, dirs)
+            run(contender, bench, project, dirs, args.subset, 0)
+        for round_no in range(1, args.rounds + 1):
+            for contender in chosen:
+                out.unlink(missing_ok=True)
+                _prepare(contender, bench, dirs)
+                result = run(contender, bench, project, dirs, args.subset, round_no, phases=out)
+                if not result.ok:
+                    print(result.error)
+                    return 1
+                walls.setdefault(contender.name, []).append(result.wall)
+                for line in out.read_text().splitlines():
+                    entry = json.loads(line)
+                    who = "worker" if entry["who"].startswith("gw") else entry["who"]
+                    for phase, seconds in entry["marks"].items():
+                        found.setdefault(contender.name, {}).setdefault(who, {}).setdefault(phase, []).append(seconds)
+    print(f"load after: {Path('/proc/loadavg').read_text().strip()}\n")
+    print(f"seconds since the process started, medians of {args.rounds} interleaved rounds (workers pooled)\n")
+    for name in [c.name for c in chosen]:
+        print(f"{name}: wall {statistics.median(walls[name]):.3f} s")
+        for who, marks in sorted(found.get(name, {}).items()):
+            line = "  ".join(f"{phase[2:]} {statistics.median(v):.3f}" for phase, v in sorted(marks.items()))
+            print(f"  {who:<6} {line}")
+    return 0
+
+
 def _print(stats: dict[str, report.Stat], goals: list[report.Target], facts: dict[str, Any]) -> None:
     print(f"\n{facts['cores']} cores ({facts['cpu']}), PostgreSQL {facts['postgresql']}, "
           f"data dir on {facts['data_dir_filesystem']}, Python {facts['python']}; {facts.get('load_during_runs', '')}")
@@ -264,5 +312,5 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     args = parse(argv)
     args.argv = argv
-    commands = {"run": run_benchmarks, "profile": profile, "report": rerender}
+    commands = {"run": run_benchmarks, "profile": profile, "report": rerender, "phases": phases}
     return commands[args.command](args)

@@ -209,13 +209,16 @@ def time_limit(tests: int) -> float:
 
 def run(contender: Contender, bench: Bench, project: Project, dirs: Dirs, subset: int, round_no: int,
         profile: Path | None = None, peers: Peers | None = None, shuffle: int | None = None,
-        tests: tuple[list[str], int] | None = None) -> RunResult:
+        tests: tuple[list[str], int] | None = None, phases: Path | None = None) -> RunResult:
     """One timed run; ``shuffle`` (a seed) runs the tests in a random order, ``tests`` overrides the selection."""
     selection, expected = tests or selection_args(contender, project, subset)
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         timer_out, log = Path(tmp) / "timer.json", Path(tmp) / "out.txt"
         env = environment(contender, bench, project, dirs, timer_out, peers)
         args = command(contender, bench, selection, profile, peers, shuffle)
+        if phases is not None:  # benchmarks/phases.py: where each process's start-up goes
+            args[args.index("benchmarks.timer") + 1:args.index("benchmarks.timer") + 1] = ["-p", "benchmarks.phases"]
+            env["BENCH_PHASES_OUT"] = str(phases)
         with log.open("w") as out:
             load, cpu, started = os.getloadavg()[0], _cpu(), time.perf_counter()
             proc = subprocess.Popen(args, cwd=project.root, env=env, stdout=out, stderr=subprocess.STDOUT,
