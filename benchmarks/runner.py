@@ -225,11 +225,18 @@ def run(contender: Contender, bench: Bench, project: Project, dirs: Dirs, subset
                                     stdin=subprocess.DEVNULL)
             memory = TreeMemory(proc.pid)
             limit = threading.Timer(time_limit(expected), kill_tree, (proc.pid,))
+            limit.daemon = True
             limit.start()
-            returncode = proc.wait()  # a blocking wait: the exit is seen at once (a polling wait adds ~50 ms)
-            wall, cpu = time.perf_counter() - started, _cpu() - cpu
-            limit.cancel()
-            peak = memory.stop()
+            try:
+                returncode = proc.wait()  # a blocking wait: the exit is seen at once (polling adds ~50 ms)
+                wall, cpu = time.perf_counter() - started, _cpu() - cpu
+            except BaseException:  # interrupted: take the run down with us, nothing of it left running
+                kill_tree(proc.pid)
+                proc.wait()
+                raise
+            finally:
+                limit.cancel()
+                peak = memory.stop()
         timer = json.loads(timer_out.read_text()) if timer_out.exists() else {}
         if expected < 0:  # the whole suite of a project we did not write: every test it ran must pass
             expected = max(1, len(timer.get("test_seconds", [])))

@@ -30,11 +30,17 @@ def test_benchmark_harness_runs_every_contender_that_installs_on_a_tiny_suite(tm
     probes agreeing with what each contender documents, start-up measured against the bare floor."""
     results = tmp_path / "results"
     server_dir = default_cache_dir().with_name(default_cache_dir().name + "-bench-smoke")  # not the real run's
-    proc = subprocess.run(
+    harness = subprocess.Popen(
         [sys.executable, "-m", "benchmarks", "run", "--size", "6", "--rounds", "1", "--subset", "3",
          "--only", ",".join(CHEAP + PEERS + STARTUP), "--work-dir", str(tmp_path / "work"),
          "--results-dir", str(results), "--server-dir", str(server_dir)],  # peers: benchmarks/work (reused)
-        cwd=REPO, capture_output=True, text=True, timeout=1800, check=False)  # only a hang meets this
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = harness.communicate(timeout=1800)  # only a hang meets this
+    except subprocess.TimeoutExpired:
+        harness.terminate()  # SIGTERM: the harness stops its runs and servers on the way out
+        stdout, stderr = harness.communicate()
+    proc = subprocess.CompletedProcess(harness.args, harness.returncode, stdout, stderr)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     data = json.loads((results / "results.json").read_text())
 
