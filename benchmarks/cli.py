@@ -104,7 +104,7 @@ def _dirs(server_dir: Path) -> Dirs:
     def sibling(suffix: str) -> Path:
         return server_dir.with_name(server_dir.name + suffix)
 
-    return Dirs(server_dir, sibling("-warm"), sibling("-cold"), sibling("-running"))
+    return Dirs(server_dir, sibling("-warm"), sibling("-cold"), sibling("-running"), sibling("-linger"))
 
 
 @contextlib.contextmanager
@@ -116,7 +116,7 @@ def servers(chosen: list[Contender], dirs: Dirs) -> Iterator[None]:
     try:
         yield
     finally:
-        for path in (dirs.warm, dirs.cold, dirs.running):
+        for path in (dirs.warm, dirs.cold, dirs.running, dirs.linger):
             stop_embedded(path, remove=True)
 
 
@@ -189,8 +189,8 @@ def profile(args: argparse.Namespace) -> int:
     return 0 if result.ok else 1
 
 
-PHASE_CONTENDERS = ("bare_one", "start_warm_server", "start_warm_server_before", "bare_four_n2", "start_n2_server",
-                    "start_n2_server_before")
+PHASE_CONTENDERS = ("bare_one", "start_warm_linger", "start_warm_server", "start_warm_server_before", "bare_four_n2",
+                    "start_n2_linger", "start_n2_server", "start_n2_server_before")
 
 
 def phases(args: argparse.Namespace) -> int:

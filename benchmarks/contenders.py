@@ -24,7 +24,8 @@ class Contender:
     args: tuple[str, ...] = ()
     env: dict[str, str] = field(default_factory=dict)
     # shared (--pg-url), warm (own embedded, cached, stopped), cold (own embedded, fresh dir), running (own
-    # embedded kept up between runs, as `pgshard server start` does: the stand-in for pgshard_linger)
+    # embedded kept up between runs, as `pgshard server start` does), linger (own embedded, up for
+    # pgshard_linger seconds after each run: the default local loop)
     server: str = "shared"
     warmup: bool = False  # run once, untimed, before round 1 (bytecode, templates)
     peer: str | None = None  # the PyPI distribution it benchmarks: runs in the peers venv (benchmarks/peers.py)
@@ -101,7 +102,11 @@ ALL: tuple[Contender, ...] = (
     Contender("start_warm_server", "warm: embedded kept up (`pgshard server start`)", ("scaling", "startup"), "one",
               server="running", warmup=True),
     Contender("start_warm_embedded", "warm: embedded server stopped, cache kept", ("scaling",), "one",
-              server="warm", warmup=True),
+              server="warm", warmup=True, env={"PGSHARD_LINGER": "0"}),
+    Contender("start_warm_linger", "warm: embedded lingering (pgshard_linger)", ("scaling", "startup"), "one",
+              server="linger", warmup=True, env={"PGSHARD_LINGER": "600"}),
+    Contender("start_n2_linger", "-n 2: embedded lingering, 4 tests", ("scaling", "startup"), "four",
+              args=("-n", "2"), server="linger", env={"PGSHARD_LINGER": "600"}),
     Contender("start_cold_rebuild", "cold: --pg-rebuild (template built)", ("scaling",), "one",
               args=("--pg-rebuild",)),
     Contender("start_cold_fresh", "cold: fresh cache dir (initdb + build)", ("scaling",), "one", server="cold"),

@@ -139,6 +139,8 @@ def targets(stats: dict[str, Stat], size: int) -> list[Target]:
         add((name, "bare_one"), f"warm-start overhead ({label})", "<= 0.5 s", start.get(name), "s",
             lambda seconds: seconds <= 0.5, note if name == "start_warm_embedded" else "")
     for name, floor, what, goal in (
+            ("start_warm_linger", "bare_one", "warm start over bare pytest (server lingering), 1 test", 0.1),
+            ("start_n2_linger", "bare_four_n2", "-n 2 start over bare -n 2 (server lingering), 4 tests", 0.2),
             ("start_warm_server", "bare_one", "warm start over bare pytest (server kept up), 1 test", 0.1),
             ("start_n2_server", "bare_four_n2", "-n 2 start over bare -n 2 (server kept up), 4 tests", 0.2),
             ("start_warm_server_before", "bare_one", "the same warm start, --before-src", 0.1),
@@ -236,9 +238,11 @@ SECTIONS: list[tuple[str, str, list[str], str | None]] = [
     ("db_commit tests: pre-warmed pool vs a naive clone per test", "wall", ["commit_pool", "commit_naive"],
      "commit_pool"),
     ("Start-up: one test, cold and warm", "wall",
-     ["bare_one", "start_warm_server", "start_warm_server_before", "start_warm_url", "start_warm_embedded",
+     ["bare_one", "start_warm_linger", "start_warm_server", "start_warm_server_before", "start_warm_url",
+      "start_warm_embedded",
       "start_cold_rebuild", "start_cold_fresh"], "bare_one"),
-    ("Start-up under -n 2: four tests", "wall", ["bare_four_n2", "start_n2_server", "start_n2_server_before"],
+    ("Start-up under -n 2: four tests", "wall", ["bare_four_n2", "start_n2_linger", "start_n2_server",
+                                                 "start_n2_server_before"],
      "bare_four_n2"),
     ("Real-shaped project (settings at import, seeded superuser, command: migrations)", "wall",
      ["real_own", "real_pgshard", "real_pgshard_n2"], "real_own"),

@@ -40,10 +40,11 @@ class Dirs:
     warm: Path
     cold: Path
     running: Path
+    linger: Path
 
     def for_contender(self, contender: Contender) -> Path:
-        return {"shared": self.shared, "warm": self.warm, "cold": self.cold, "running": self.running}[
-            contender.server]
+        return {"shared": self.shared, "warm": self.warm, "cold": self.cold, "running": self.running,
+                "linger": self.linger}[contender.server]
 
 
 @dataclass
@@ -203,8 +204,8 @@ def kill_tree(root: int) -> None:
 
 
 def time_limit(tests: int) -> float:
-    """Generous (a second a test on top of five minutes): only a hung run meets it."""
-    return 300.0 + max(tests, 0) * 1.0
+    """Generous (a second a test on top of two minutes): only a hung run meets it."""
+    return 120.0 + max(tests, 0) * 1.0
 
 
 def run(contender: Contender, bench: Bench, project: Project, dirs: Dirs, subset: int, round_no: int,
