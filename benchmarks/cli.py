@@ -271,11 +271,12 @@ def run_benchmarks(args: argparse.Namespace) -> int:
     with bench_server(server_dir) as bench:
         with servers(chosen, dirs):
             bench.prepare_base(project.root)
-            for contender in chosen:
+            for contender in list(chosen):
                 if contender.warmup:
                     warm = _run(contender, bench, project, dirs, args.subset, 0, peers, real)
-                    if not warm.ok:
-                        return 1
+                    if not warm.ok:  # reported among the errors; the others still run
+                        results.append(warm)
+                        chosen.remove(contender)
             for round_no in range(1, args.rounds + 1):
                 for contender in chosen:
                     results.append(_run(contender, bench, project, dirs, args.subset, round_no, peers, real))

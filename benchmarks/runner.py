@@ -20,6 +20,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from sqlalchemy.engine import make_url
+
 from benchmarks.contenders import CONFTESTS, Contender
 from benchmarks.generate import Project
 from benchmarks.peers import Peers
@@ -114,7 +116,10 @@ def peer_env(contender: Contender, bench: Bench, peers: Peers | None) -> dict[st
     if contender.peer == "pytest-sqla":
         return {"PYTEST_SQLA_URL": url_of(bench.url, SQLA_DB)}
     if contender.peer == "pytest-sqlalchemy-alembic":  # the app's engine URL; it derives <db>_test_<worker>
-        return {"DATABASE_URL": url_of(bench.url, sa_alembic_database(contender))}
+        # It hands the URL to Alembic's ConfigParser unescaped: a %-encoded passfile path in the query breaks
+        # interpolation, so the password file goes by PGPASSFILE (libpq's variable) instead.
+        url = make_url(url_of(bench.url, sa_alembic_database(contender))).difference_update_query(["passfile"])
+        return {"DATABASE_URL": url.render_as_string(hide_password=False)}
     if contender.peer == "py-pglite" and peers and peers.pglite_dir:
         return {"BENCH_PGLITE_DIR": str(peers.pglite_dir)}
     return {}
@@ -128,6 +133,9 @@ def environment(contender: Contender, bench: Bench, project: Project, dirs: Dirs
                BENCH_PROJECT=str(project.root), BENCH_BARE_DB=BARE_DB, BENCH_TIMER_OUT=str(timer_out),
                PGSHARD_CACHE_DIR=str(dirs.for_contender(contender)))
     env.pop("PYTHONDONTWRITEBYTECODE", None)  # the runs must reuse their bytecode like any rerun does
+    passfile = make_url(bench.url).query.get("passfile")
+    if isinstance(passfile, str):  # for the peers that connect from host, port and user alone (libpq reads it)
+        env["PGPASSFILE"] = passfile
     env.update(contender.env)
     env.update(peer_env(contender, bench, peers))
     return env
