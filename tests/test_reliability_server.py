@@ -183,7 +183,8 @@ def test_a_pg_url_password_is_printed_nowhere_when_its_server_stops_mid_run(
         xml = project.root / "report.xml"
         result = project.run("--pg-url", url, "-rA", "--tb=long", "--showlocals", f"--junitxml={xml}")
         outcomes = result.parseoutcomes()
-        assert outcomes.get("passed") == 2 and outcomes.get("failed", 0) + outcomes.get("errors", 0) >= 2
+        # after the first failure the run stops with one line saying the server died (faults)
+        assert outcomes.get("passed") == 2 and outcomes.get("failed", 0) + outcomes.get("errors", 0) >= 1
         assert "tester@127.0.0.1" in result.stdout.str()  # the URLs were printed, without their password
         assert_printed_nowhere(password, result, xml, cache)
     finally:

@@ -150,8 +150,8 @@ class Template:
         try:
             self.lock_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise ServerError(f"cannot create {self.lock_dir}: {exc.strerror or exc}; set pgshard_cache_dir "
-                              "(PGSHARD_CACHE_DIR) to a writable directory of your own") from None
+            raise ServerError(f"cannot take the template lock: cannot create {self.lock_dir}: {exc.strerror or exc}; "
+                              "set pgshard_cache_dir (PGSHARD_CACHE_DIR) to a writable directory of your own") from None
         return self.lock_dir / f"{server_key}-{self.name}.lock"
 
     def _usable(self) -> bool:
@@ -179,7 +179,7 @@ class Template:
         try:
             lock.acquire()
         except LockError as exc:
-            raise ServerError(str(exc)) from None
+            raise ServerError(f"cannot take the template lock: {exc}") from None
         except OSError as exc:  # the lock path is a directory, its parent a file, a read-only filesystem
             raise ServerError(f"cannot take the template lock {exc.filename or self.lock_dir}: "
                               f"{exc.strerror or exc}; remove it or set pgshard_cache_dir (PGSHARD_CACHE_DIR)"
