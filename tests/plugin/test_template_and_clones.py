@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import uuid
 from pathlib import Path
 
 import psycopg
@@ -105,7 +106,7 @@ def _postmasters_for(datadir_prefix: str) -> list[str]:
 
 def test_server_started_for_the_run_is_stopped_after_it(project: Project, out_file: Path,
                                                        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    cache = Path("/dev/shm") / f"pgshard-test-{tmp_path.name}" if Path("/dev/shm").is_dir() else tmp_path / "c"
+    cache = Path("/dev/shm") / f"pgshard-test-{uuid.uuid4().hex[:8]}" if Path("/dev/shm").is_dir() else tmp_path / "c"
     monkeypatch.setenv("PGSHARD_CACHE_DIR", str(cache))
     try:
         cold = project.run("-n", "2")
