@@ -126,7 +126,7 @@ def pytest_load_initial_conftests(early_config: pytest.Config, parser: pytest.Pa
         if run is None:
             run = Run(settings, Run.new_run_id(), "main")
             if settings.configured:
-                run.start_server()
+                run.start_server(clean_up=False)  # start_background below cleans up
                 os.environ[HANDOFF] = run.handoff()
         os.environ.update(run.database_env())
         if settings.redirect:  # before any conftest builds an engine or overwrites os.environ
@@ -138,6 +138,18 @@ def pytest_load_initial_conftests(early_config: pytest.Config, parser: pytest.Pa
     except (SettingsError, ServerError, ShardError) as exc:
         raise _fail_usage(exc) from None
     early_config.stash[RUN] = run
+    # while pytest imports the conftests and collects: the dead runs' databases, and this process's clone
+    # when it will run tests itself (a warm run's first test then finds its database made)
+    runs_tests = _is_worker_process() or not _distributes(namespace)
+    run.start_background(clean_up=not _is_worker_process(),
+                         clone=settings.eager and runs_tests and not getattr(namespace, "collectonly", False))
+
+
+def _distributes(namespace: Any) -> bool:
+    """Whether xdist will run the tests in workers (-n N, -n auto): then this process clones nothing. A
+    wrong guess costs time only: a clone made in vain is dropped at the end, one not made is made later."""
+    workers = getattr(namespace, "numprocesses", None)
+    return workers not in (None, 0, "0") and not getattr(namespace, "usepdb", False)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -190,8 +202,11 @@ class _XdistHooks:
         self.config = config
 
     def pytest_xdist_setupnodes(self, config: pytest.Config, specs: Any) -> None:
-        """The controller hands the template and clones to its workers: its start-up connection is done."""
-        self.config.stash[RUN].close_admin()
+        """The controller hands the template and clones to its workers: its start-up connection is done
+        (or will be, closed by the start-up thread itself, which the workers need not wait for)."""
+        run = self.config.stash[RUN]
+        if not run.busy:
+            run.close_admin()
 
     def pytest_testnodedown(self, node: Any, error: Any) -> None:
         stats = getattr(node, "workeroutput", {}).get("pgshard")

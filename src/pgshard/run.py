@@ -12,6 +12,7 @@ import json
 import os
 import secrets
 import statistics
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -55,14 +56,17 @@ class Run:
     fault: str | None = None  # the first foreign fault's one line (faults.py): later ones repeat it
     finish_error: str | None = None  # why this worker's clones could not be dropped
     _secrets: list[str] | None = field(default=None, repr=False)
+    _maker: Template | None = field(default=None, repr=False)
+    _background: threading.Thread | None = field(default=None, repr=False)  # start_background's work
 
     # -- the server ----------------------------------------------------------------------------
     @staticmethod
     def new_run_id() -> str:
         return secrets.token_hex(4)
 
-    def start_server(self) -> ServerInfo:
-        """Acquire the server for this process (controller or solo run) and clean up after dead runs."""
+    def start_server(self, *, clean_up: bool = True) -> ServerInfo:
+        """Acquire the server for this process (controller or solo run) and clean up after dead runs
+        (``clean_up=False``: start_background does that)."""
         if self.server is None:
             started = time.perf_counter()
             try:
@@ -75,8 +79,53 @@ class Run:
             self.server = self.lease.info
             self.notes.extend(self.lease.notes)
             self.timings["server"] = time.perf_counter() - started
-            self.stale_dropped = drop_stale(self._admin(), self.settings.stale_ttl_hours)
+            if clean_up:
+                self._drop_stale()
         return self.server
+
+    def _drop_stale(self) -> None:
+        self.stale_dropped = drop_stale(self._admin(), self.settings.stale_ttl_hours)
+
+    def start_background(self, *, clean_up: bool, clone: bool) -> None:
+        """Start-up work that nothing needs before the first test, done in a thread while pytest imports the
+        conftests and collects: dropping the databases of dead runs (``clean_up``, the process that acquired
+        the server) and, on the warm path only (a sealed template: no lock, no build), cloning this process's
+        database (``clone``). Whatever fails here is done again, in the foreground, by the first step that
+        needs it, and fails there as it always did; every method that touches the admin connection or the
+        clones waits for this thread first."""
+        if self.server is None or self._background is not None or not (clean_up or clone):
+            return
+
+        def work() -> None:
+            if clean_up:
+                with contextlib.suppress(Exception):
+                    self._drop_stale()
+            if clone:
+                with contextlib.suppress(Exception):
+                    if self._ensure_template(build=False) is not None:
+                        self._worker_database()
+            else:  # the controller of an xdist run: its workers clone; its start-up connection is done
+                with contextlib.suppress(Exception):
+                    self._close_admin()
+
+        self._background = threading.Thread(target=work, name="pgshard-start-up", daemon=True)
+        self._background.start()
+
+    def _settle(self, timeout: float | None = None) -> bool:
+        """Wait for start_background's thread; False when it is still running after ``timeout``."""
+        thread = self._background
+        if thread is None or thread is threading.current_thread():
+            return True
+        thread.join(timeout)
+        if thread.is_alive():
+            return False
+        self._background = None
+        return True
+
+    @property
+    def busy(self) -> bool:
+        """start_background's thread is still at work (it closes the controller's connection itself)."""
+        return self._background is not None and self._background.is_alive()
 
     def _admin(self) -> Admin:
         """One admin connection for this process's start-up (stale runs, template, then the clones), not one
@@ -87,11 +136,17 @@ class Run:
         return self.admin
 
     def close_admin(self) -> None:
+        self._settle()
+        self._close_admin()
+
+    def _close_admin(self) -> None:
         if self.admin is not None:
             self.admin.close()
             self.admin = None
 
     def stop_server(self) -> None:
+        if not self._settle(timeout=10):  # a start-up statement hung (interrupted run): leave it to the next run
+            return
         self.close_admin()
         if self.lease is not None:
             self.lease.release()
@@ -156,7 +211,22 @@ class Run:
 
     # -- template and clones --------------------------------------------------------------------
     def ensure_template(self) -> TemplateResult:
+        self._settle()
+        result = self._ensure_template()
+        assert result is not None
+        return result
+
+    def _ensure_template(self, build: bool = True) -> TemplateResult | None:
+        """The template, built when missing; ``build=False``: None instead of building (the warm-path check)."""
         if self.template is None:
+            result = self._template_maker().ensure(build=build)
+            if result is None:
+                return None
+            self.template = result
+        return self.template
+
+    def _template_maker(self) -> Template:
+        if self._maker is None:
             server = self.start_server()
             lock_dir = (self.settings.cache_dir or default_cache_dir()) / "locks"
             migrators = parse_migrators(self.settings.migrate, self.settings.rootdir)
@@ -170,22 +240,26 @@ class Run:
                 self.notes += [f"pgshard_migrate step {spec!r} names no file pgshard can hash: its template is "
                                "reused until the command's text changes; list what it reads in pgshard_fingerprint"
                                for spec in blind_commands(migrators)]
-            template = Template(self._admin(), server, migrators, lock_dir=lock_dir, run_id=self.run_id,
-                                rebuild=self.settings.rebuild, keep=self.settings.keep_templates,
-                                env_lines=self.settings.env, inputs=inputs,
-                                project=project_key(self.settings.rootdir))
-            self.template = template.ensure()
-        return self.template
+            self._maker = Template(self._admin(), server, migrators, lock_dir=lock_dir, run_id=self.run_id,
+                                   rebuild=self.settings.rebuild, keep=self.settings.keep_templates,
+                                   env_lines=self.settings.env, inputs=inputs,
+                                   project=project_key(self.settings.rootdir))
+        return self._maker
 
     def worker_database(self) -> Database:
+        self._settle()
+        return self._worker_database()
+
+    def _worker_database(self) -> Database:
         if self.database is None:
-            template = self.ensure_template()
-            assert self.server is not None
-            admin, self.admin = self.admin, None  # the start-up connection goes on serving the clones
-            self.clones = Clones(self.server.url, self.server, template.name, prefix=self.settings.prefix,
-                                 run_id=self.run_id, worker_id=self.worker_id, pool_size=self.settings.commit_pool,
-                                 admin=admin)
-            self.clone_times = self.clones.times
+            template = self._ensure_template()
+            assert self.server is not None and template is not None
+            if self.clones is None:  # (a clone that failed in the background is made again on the same Clones)
+                admin, self.admin = self.admin, None  # the start-up connection goes on serving the clones
+                self.clones = Clones(self.server.url, self.server, template.name, prefix=self.settings.prefix,
+                                     run_id=self.run_id, worker_id=self.worker_id,
+                                     pool_size=self.settings.commit_pool, admin=admin)
+                self.clone_times = self.clones.times
             self.database = self.clones.worker_database()
         return self.database
 
@@ -234,6 +308,8 @@ class Run:
         """Drop this worker's clones (or keep them, with --pg-keep). Never raises: it runs in pytest's
         session teardown, where a server that died mid-run would otherwise print a traceback wall; the
         reason goes to the summary and the next run (or `pgshard clean`) drops what is left."""
+        if not self._settle(timeout=10):  # a start-up statement hung (interrupted run): leave it to the next run
+            return
         with contextlib.suppress(Exception):
             self.close_admin()
         if self.clones is not None:

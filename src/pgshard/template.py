@@ -15,6 +15,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import overload
 
 from sqlalchemy.engine import make_url
 
@@ -169,11 +170,20 @@ class Template:
                               "with `pgshard clean --server`")
         return True
 
-    def ensure(self) -> TemplateResult:
+    @overload
+    def ensure(self) -> TemplateResult: ...
+    @overload
+    def ensure(self, build: bool) -> TemplateResult | None: ...
+
+    def ensure(self, build: bool = True) -> TemplateResult | None:
+        """The sealed template of this fingerprint, built (under both locks) when missing; ``build=False``:
+        None instead."""
         name = self.name
         started = time.perf_counter()
         if self._usable():  # the warm path: a sealed template needs neither lock (a build re-checks under both)
             return TemplateResult(name, self.fingerprint(), False, 0.0, time.perf_counter() - started)
+        if not build:
+            return None
         # removed when done (one file per fingerprint would pile up); a waiter past a few seconds says who builds
         lock = HolderLock(self._lock_path(), f"checking or building template {name}", timeout=1800, remove=True)
         try:
