@@ -96,6 +96,39 @@ def test_persistent_server_outlives_its_users(cache_dir: Path) -> None:
     assert server.release() is True
 
 
+def test_a_warm_acquire_asks_the_server_nothing_until_the_server_or_its_passfile_changes(
+        cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A warm run (and an xdist controller) takes version and fsync from what the last connection to this very
+    postmaster found: no connection at all. A restarted server or a rewritten passfile is asked again, so a
+    passfile that no longer opens the cluster is still found and repaired."""
+    asked: list[str] = []
+    real_describe = embedded.describe
+
+    def counting_describe(url: str, source: str) -> embedded.ServerInfo:
+        asked.append(url)
+        return real_describe(url, source)
+
+    monkeypatch.setattr(embedded, "describe", counting_describe)
+    server = EmbeddedServer(cache_dir=cache_dir)
+    first = server.acquire()
+    server.set_persistent(True)  # the server stays up between the acquires below, as a lingering one does
+    server.release()
+    assert len(asked) == 1
+    again = EmbeddedServer(cache_dir=cache_dir).acquire()
+    assert len(asked) == 1, "a warm acquire connected to the server"
+    assert (again.url, again.version, again.major, again.fsync) == (first.url, first.version, first.major, first.fsync)
+    with psycopg.connect(to_libpq(again.url)) as conn:  # the cached facts are the server's
+        assert conn.execute("SHOW fsync").fetchone() == ("on" if again.fsync else "off",)
+        assert conn.execute("SHOW server_version").fetchone()[0].split()[0] == again.version
+    server.passfile.write_text(server.passfile.read_text())  # same password, a new file: asked again
+    EmbeddedServer(cache_dir=cache_dir).acquire()
+    assert len(asked) == 2
+    server.set_persistent(False)
+    server.stop()
+    EmbeddedServer(cache_dir=cache_dir).acquire()  # a new postmaster: asked again
+    assert len(asked) == 3
+
+
 def test_data_directory_is_private_to_the_server_account(cache_dir: Path) -> None:
     server = EmbeddedServer(cache_dir=cache_dir)
     server.acquire()

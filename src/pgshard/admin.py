@@ -15,12 +15,13 @@ import re
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-
-import psycopg
-from psycopg import sql
+from typing import TYPE_CHECKING
 
 from pgshard.host import host_identity
 from pgshard.server.base import ServerError, connect
+
+if TYPE_CHECKING:  # psycopg is imported where a connection is made: an xdist controller needs none
+    import psycopg
 
 MARKER_PREFIX = "pgshard:"
 _NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
@@ -154,6 +155,8 @@ class Admin:
         check_name(name)
         if not self.in_namespace(name):
             raise ValueError(f"database name {name} must start with the prefix {self.prefix}_")
+        from psycopg import errors, sql
+
         query = sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name))
         if template:
             query += sql.SQL(" TEMPLATE {}").format(sql.Identifier(template))
@@ -162,15 +165,15 @@ class Admin:
         started = time.perf_counter()
         try:
             self.conn.execute(query)
-        except psycopg.errors.ObjectInUse as exc:
+        except errors.ObjectInUse as exc:
             raise ServerError(f"cannot clone {template}: someone is connected to it ({exc.diag.message_detail or exc})"
                               ) from None
-        except psycopg.errors.InvalidCatalogName:
+        except errors.InvalidCatalogName:
             if not template:
                 raise
             raise ServerError(f"cannot clone {template}: it no longer exists (dropped by `pgshard clean --all` or "
                               "another project's template collection while this run started); run again") from None
-        except (psycopg.errors.UndefinedFile, psycopg.errors.DataCorrupted, psycopg.errors.IoError) as exc:
+        except (errors.UndefinedFile, errors.DataCorrupted, errors.IoError) as exc:
             if not template:
                 raise
             raise ServerError(f"template {template} is damaged ({exc.diag.message_primary or exc}): rebuild it with "
@@ -183,14 +186,18 @@ class Admin:
         """Whether the database's directory is gone from the data directory (a damaged cache: cloning it
         "succeeds" and every connection then fails). Needs pg_stat_file, which a plain role may not call:
         then we cannot tell, and say no."""
+        from psycopg import errors
+
         try:
             row = self.conn.execute("SELECT (pg_stat_file('base/' || oid, true)).isdir FROM pg_database "
                                     "WHERE datname = %s", (name,)).fetchone()
-        except psycopg.errors.InsufficientPrivilege:
+        except errors.InsufficientPrivilege:
             return False
         return row is not None and row[0] is None
 
     def mark(self, name: str, marker: Marker) -> None:
+        from psycopg import sql
+
         self.conn.execute(sql.SQL("COMMENT ON DATABASE {} IS {}").format(sql.Identifier(name),
                                                                          sql.Literal(marker.render())))
 
@@ -202,11 +209,13 @@ class Admin:
             if not self.exists(name):
                 return False
             raise
+        from psycopg import errors, sql
+
         if found.is_template:
             self.conn.execute(sql.SQL("ALTER DATABASE {} WITH IS_TEMPLATE false").format(sql.Identifier(name)))
         query = sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name))
         if force:
-            with contextlib.suppress(psycopg.errors.InsufficientPrivilege):  # then DROP says so itself
+            with contextlib.suppress(errors.InsufficientPrivilege):  # then DROP says so itself
                 self._end_sessions(name)
             query += sql.SQL(" WITH (FORCE)")
         self.conn.execute(query)
@@ -215,11 +224,15 @@ class Admin:
     def rename(self, old: str, new: str) -> None:
         self._ours(old)
         check_name(new)
+        from psycopg import sql
+
         self.conn.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(old), sql.Identifier(new)))
 
     def seal(self, name: str) -> None:
         """Make it a template nobody can connect to (a connection would block every clone)."""
         self._ours(name)
+        from psycopg import sql
+
         self.conn.execute(sql.SQL("ALTER DATABASE {} WITH IS_TEMPLATE true ALLOW_CONNECTIONS false")
                           .format(sql.Identifier(name)))
 

@@ -123,11 +123,13 @@ def pytest_load_initial_conftests(early_config: pytest.Config, parser: pytest.Pa
         parse_migrators(settings.migrate, settings.rootdir)  # likewise a bad pgshard_migrate line
         worker_id = os.environ.get("PYTEST_XDIST_WORKER", "main") if _is_worker_process() else "main"
         run = Run.from_handoff(settings, worker_id) if _is_worker_process() else None
+        distributes = _distributes(namespace)
         if run is None:
             run = Run(settings, Run.new_run_id(), "main")
             if settings.configured:
-                run.start_server(clean_up=False)  # start_background below cleans up
-                os.environ[HANDOFF] = run.handoff()
+                run.start_server(clean_up=False)  # start_background below cleans up, or worker gw0 does
+                run.cleans_up = not distributes
+                os.environ[HANDOFF] = run.handoff(clean_up=distributes)
         os.environ.update(run.database_env())
         if settings.redirect:  # before any conftest builds an engine or overwrites os.environ
             if run.server is None:
@@ -140,8 +142,8 @@ def pytest_load_initial_conftests(early_config: pytest.Config, parser: pytest.Pa
     early_config.stash[RUN] = run
     # while pytest imports the conftests and collects: the dead runs' databases, and this process's clone
     # when it will run tests itself (a warm run's first test then finds its database made)
-    runs_tests = _is_worker_process() or not _distributes(namespace)
-    run.start_background(clean_up=not _is_worker_process(),
+    runs_tests = _is_worker_process() or not distributes
+    run.start_background(clean_up=run.cleans_up,
                          clone=settings.eager and runs_tests and not getattr(namespace, "collectonly", False))
 
 

@@ -56,6 +56,7 @@ class Run:
     fault: str | None = None  # the first foreign fault's one line (faults.py): later ones repeat it
     finish_error: str | None = None  # why this worker's clones could not be dropped
     _secrets: list[str] | None = field(default=None, repr=False)
+    cleans_up: bool = False  # this worker drops the dead runs' databases (its controller left it to gw0)
     _maker: Template | None = field(default=None, repr=False)
     _background: threading.Thread | None = field(default=None, repr=False)  # start_background's work
 
@@ -152,10 +153,13 @@ class Run:
             self.lease.release()
             self.lease = None
 
-    def handoff(self) -> str:
+    def handoff(self, *, clean_up: bool = False) -> str:
+        """What the xdist workers adopt; ``clean_up``: worker gw0 drops the dead runs' databases (the
+        controller then needs no connection of its own)."""
         assert self.server is not None
         data = {"pid": os.getpid(), "run_id": self.run_id, "url": self.server.url, "source": self.server.source,
-                "version": self.server.version, "major": self.server.major, "fsync": self.server.fsync}
+                "version": self.server.version, "major": self.server.major, "fsync": self.server.fsync,
+                "clean_up": clean_up}
         return json.dumps(data)
 
     @classmethod
@@ -172,7 +176,9 @@ class Run:
         if data.get("pid") != os.getppid():
             return None
         server = ServerInfo(data["url"], data["source"], data["version"], int(data["major"]), bool(data["fsync"]))
-        return cls(settings, data["run_id"], worker_id, server=server)
+        run = cls(settings, data["run_id"], worker_id, server=server)
+        run.cleans_up = bool(data.get("clean_up")) and worker_id == "gw0"
+        return run
 
     def secrets(self) -> list[str]:
         """The passwords this run's URLs reach through their passfile (and --pg-url's), to mask in reports."""
@@ -374,6 +380,7 @@ class Run:
         if self.finish_error:
             out["finish_error"] = self.finish_error
         out["shard_emptied"] = self.shard_emptied
+        out["stale_dropped"] = self.stale_dropped  # worker gw0's, when it cleaned up for its controller
         out["notes"] = self.notes
         return out
 
@@ -391,6 +398,7 @@ def summary_lines(server: ServerInfo | None, stats: list[dict[str, Any]], stale:
         lines.append(_server_line(server, server_seconds))
     elif any("server" in s for s in stats):
         lines.append(next(str(s["server"]) for s in stats if "server" in s))
+    stale = [*stale, *(name for s in stats for name in s.get("stale_dropped", []) if name not in stale)]
     if stale:
         lines.append(f"dropped {len(stale)} database(s) left by dead runs: {', '.join(stale)}")
     templates = [s["template"] for s in stats if "template" in s]

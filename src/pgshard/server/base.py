@@ -14,14 +14,17 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import quote
 
-import psycopg
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
 from pgshard.host import UnsafeDirectory, ensure_private_dir
 from pgshard.settings import mask_url
+
+if TYPE_CHECKING:  # imported where a connection is made: an xdist controller on a warm server makes none
+    import psycopg
 
 __all__ = ["ServerError", "ServerInfo", "connect", "describe", "mask_url", "sqlalchemy_url", "to_libpq",
            "wait_until_ready", "without_password"]
@@ -100,6 +103,8 @@ def wait_until_ready(url: str, timeout: float) -> None:
     A server that is still starting refuses connections or answers "starting up"; both are retried.
     A wrong password or a missing database will not fix itself, so those fail at once.
     """
+    import psycopg
+
     libpq_url = to_libpq(url)
     deadline = time.monotonic() + timeout
     delay = 0.02
@@ -198,6 +203,8 @@ def _pgpass_escape(value: str) -> str:
 
 def connect(url: str, *, autocommit: bool = True, timeout: float = 10) -> psycopg.Connection:
     """A psycopg connection for admin work; failures become one masked ServerError line."""
+    import psycopg
+
     try:
         return psycopg.connect(to_libpq(url), autocommit=autocommit, connect_timeout=max(1, int(timeout)))
     except psycopg.OperationalError as exc:

@@ -1,0 +1,91 @@
+"""Issue 11: what a warm run does before its first test. The speed itself is measured in benchmarks/
+(`python -m benchmarks phases`); these tests pin down the behaviour that makes it: the controller of a warm
+`-n 2` run connects to nothing (no driver even imported), and a warm run's database is cloned while pytest
+collects, before any test asks for it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pgshard.server.base import ServerInfo
+from tests.conftest import Project
+
+TESTS = '''
+def test_one(pg_database):
+    pass
+
+def test_two(pg_database):
+    pass
+'''
+
+# Written by the inner session's controller (or solo process) at its end: what it imported, and whether its
+# own database existed when collection finished.
+PROBE = '''
+import json, os, sys, time
+
+import pytest
+
+
+def _ours_exist():
+    import psycopg
+    from pgshard.server.base import to_libpq
+    url = json.loads(os.environ["PGSHARD_HANDOFF"])["url"]
+    with psycopg.connect(to_libpq(url), autocommit=True) as conn:
+        rows = conn.execute("SELECT datname FROM pg_database WHERE datname LIKE %s "
+                            "AND shobj_description(oid, 'pg_database') LIKE %s",
+                            ("pgshard%main", '%"pid":' + str(os.getpid()) + ',%')).fetchall()
+    return [r[0] for r in rows]
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_finish(session):
+    if os.environ.get("PROBE_CLONE") and not hasattr(session.config, "workerinput"):
+        session.config._probe_psycopg_before = "psycopg" in sys.modules
+        deadline = time.monotonic() + 30  # the start-up thread's clone, polled for: nothing here has asked for it
+        found = []
+        while not found and time.monotonic() < deadline:
+            found = _ours_exist()
+            time.sleep(0.05)
+        session.config._probe_found = found
+
+
+def pytest_unconfigure(config):
+    if hasattr(config, "workerinput"):
+        return
+    out = {"psycopg": "psycopg" in sys.modules, "found": getattr(config, "_probe_found", None)}
+    with open(os.environ["PROBE_OUT"], "w") as fh:
+        json.dump(out, fh)
+'''
+
+
+@pytest.fixture
+def probed(project: Project, monkeypatch: pytest.MonkeyPatch, pg_server: ServerInfo) -> Path:
+    """The inner project, probed. The outer session holds the server (pg_server) as a lingering one would:
+    the inner runs are warm runs of one and the same postmaster."""
+    project.pytester.makepyfile(test_startup=TESTS)
+    project.pytester.makeconftest(PROBE)
+    out = project.root / "probe.json"
+    monkeypatch.setenv("PROBE_OUT", str(out))
+    return out
+
+
+def test_the_controller_of_a_warm_n2_run_connects_to_nothing(project: Project, probed: Path) -> None:
+    project.run("-n", "2").assert_outcomes(passed=2)  # builds the template, learns the server's facts
+    warm = project.run("-n", "2")
+    warm.assert_outcomes(passed=2)
+    warm.stdout.fnmatch_lines(["*reused (cache hit)*", "*clone per worker: gw0 * ms, gw1 * ms*"])
+    assert json.loads(probed.read_text())["psycopg"] is False, "the controller imported the driver"
+
+
+def test_a_warm_run_clones_its_database_while_pytest_collects(
+        project: Project, probed: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    project.run().assert_outcomes(passed=2)  # builds the template: a build is never done in the background
+    monkeypatch.setenv("PROBE_CLONE", "1")
+    warm = project.run()
+    warm.assert_outcomes(passed=2)
+    warm.stdout.fnmatch_lines(["*reused (cache hit)*", "*clone per worker: main * ms*"])
+    probe = json.loads(probed.read_text())
+    assert probe["found"] and len(probe["found"]) == 1, "no clone of this run existed when collection ended"
