@@ -13,7 +13,7 @@ import os
 import sys
 import warnings
 from collections.abc import Callable, Generator, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from sqlalchemy import create_engine
@@ -23,10 +23,8 @@ from sqlalchemy.orm import Session
 from pgshard import redirect
 from pgshard.clones import Database
 from pgshard.fastapi import is_async_callable, make_async_client, make_client, override_dependency
-from pgshard.faults import classify
 from pgshard.lockfile import set_announcer
 from pgshard.migrate import MigrationError, parse_migrators
-from pgshard.queries import QueryCounter
 from pgshard.run import HANDOFF, Run, summary_lines
 from pgshard.sandbox import (
     AsyncSandbox,
@@ -40,7 +38,9 @@ from pgshard.sandbox import (
 )
 from pgshard.server.base import ServerError, ServerInfo
 from pgshard.settings import OPTIONS, Settings, SettingsError, import_object, resolve, temporary_env
-from pgshard.sharding import DurationsRecorder, ShardError, load_durations, parse_shard, split
+
+if TYPE_CHECKING:  # imported by the fixture that uses it: a run that counts no query loads nothing of it
+    from pgshard.queries import QueryCounter
 
 RUN = pytest.StashKey[Run]()
 WORKER_STATS = pytest.StashKey[list[dict[str, Any]]]()
@@ -119,6 +119,8 @@ def pytest_load_initial_conftests(early_config: pytest.Config, parser: pytest.Pa
     try:
         settings = _settings(early_config, namespace)
         if settings.shard:  # a bad --shard is a usage error before any server starts
+            from pgshard.sharding import parse_shard
+
             parse_shard(settings.shard)
         parse_migrators(settings.migrate, settings.rootdir)  # likewise a bad pgshard_migrate line
         worker_id = os.environ.get("PYTEST_XDIST_WORKER", "main") if _is_worker_process() else "main"
@@ -137,7 +139,7 @@ def pytest_load_initial_conftests(early_config: pytest.Config, parser: pytest.Pa
                                     "load pgshard as a plugin (not late with -p) and run pytest-xdist >= 3.5")
             redirect.install(settings.redirect, run.database_url())
             redirect.handle_ddl(run)
-    except (SettingsError, ServerError, ShardError) as exc:
+    except (SettingsError, ServerError) as exc:  # ShardError is a SettingsError
         raise _fail_usage(exc) from None
     early_config.stash[RUN] = run
     # while pytest imports the conftests and collects: the dead runs' databases, and this process's clone
@@ -176,7 +178,7 @@ def pytest_configure(config: pytest.Config) -> None:
     if run.settings.shard or run.settings.store_durations:
         try:
             config.pluginmanager.register(_ShardHooks(config, run.settings), "pgshard-shard")
-        except ShardError as exc:
+        except SettingsError as exc:  # a bad --shard
             raise _fail_usage(exc) from None
 
 
@@ -222,6 +224,8 @@ class _ShardHooks:
     --pg-store-durations recording (in the controller, which sees every worker's reports)."""
 
     def __init__(self, config: pytest.Config, settings: Settings) -> None:
+        from pgshard.sharding import DurationsRecorder, parse_shard
+
         self.config = config
         self.settings = settings
         self.shard = parse_shard(settings.shard) if settings.shard else None
@@ -238,6 +242,8 @@ class _ShardHooks:
         if self.shard is None:
             return
         path = self.settings.durations_file
+        from pgshard.sharding import load_durations, split
+
         durations, warning = load_durations(path)
         self._warn(warning)
         selected, warning = split([item.nodeid for item in items], *self.shard, durations,
@@ -288,6 +294,8 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         _ready_database(run)
         return
     except (SettingsError, ServerError, MigrationError) as exc:
+        from pgshard.faults import classify
+
         if classify(exc) is not None:  # a foreign fault (no CREATEDB, disk full...): makereport's one line
             raise
         message = f"pgshard: {exc}"
@@ -373,6 +381,8 @@ def _guard(func: Any, *args: Any) -> Any:
     try:
         return func(*args)
     except (SettingsError, ServerError, MigrationError, SandboxError) as exc:
+        from pgshard.faults import classify
+
         if classify(exc) is not None:  # a foreign fault behind ours: pytest_runtest_makereport explains it
             raise
         message = f"pgshard: {exc}"
@@ -593,6 +603,8 @@ def _keep_test_loop_open(request: pytest.FixtureRequest, stack: contextlib.ExitS
 @pytest.fixture
 def query_counter() -> Iterator[QueryCounter]:
     """Counts the statements the test runs (``.count``, ``.statements``, ``assert_max(n)``)."""
+    from pgshard.queries import QueryCounter
+
     with QueryCounter() as counter:
         yield counter
 

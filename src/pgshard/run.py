@@ -11,7 +11,6 @@ import contextlib
 import json
 import os
 import secrets
-import statistics
 import threading
 import time
 from dataclasses import dataclass, field
@@ -21,7 +20,6 @@ from sqlalchemy.engine import make_url
 
 from pgshard.admin import Admin
 from pgshard.clones import Clones, CloneTimes, Database, drop_stale, worker_database_name
-from pgshard.faults import advice, classify
 from pgshard.host import default_cache_dir
 from pgshard.migrate import blind_commands, hash_globs, parse_migrators
 from pgshard.server import ServerLease, acquire
@@ -330,6 +328,8 @@ class Run:
     def explain(self, exc: BaseException) -> str | None:
         """One line for a fault that is not pgshard's own (faults.py), with this server's facts; None for
         an ordinary error. A "died" verdict is checked: a server that still answers did not die."""
+        from pgshard.faults import advice, classify
+
         if self.fault is not None and classify(exc) is not None:
             return self.fault
         fault = classify(exc)
@@ -375,7 +375,7 @@ class Run:
             out["clone_ms"] = times.worker_clone * 1000
             out["commit_clones"] = len(times.commit_waits)
             if times.commit_waits:
-                out["commit_wait_ms"] = statistics.median(times.commit_waits) * 1000
+                out["commit_wait_ms"] = _median(times.commit_waits) * 1000
         out["kept"] = [db.masked_url for db in self.kept]
         if self.finish_error:
             out["finish_error"] = self.finish_error
@@ -383,6 +383,12 @@ class Run:
         out["stale_dropped"] = self.stale_dropped  # worker gw0's, when it cleaned up for its controller
         out["notes"] = self.notes
         return out
+
+
+def _median(values: list[float]) -> float:
+    import statistics  # not at start-up: it imports fractions and decimal
+
+    return statistics.median(values)
 
 
 def _server_line(server: ServerInfo, seconds: float | None) -> str:
@@ -416,7 +422,7 @@ def summary_lines(server: ServerInfo | None, stats: list[dict[str, Any]], stale:
     commits = max(sum(int(s.get("commit_clones", 0)) for s in stats), commit_tests)
     if commits:
         waits = [float(s["commit_wait_ms"]) for s in stats if "commit_wait_ms" in s]
-        wait = f"{statistics.median(waits):.1f} ms" if waits else "not reported"
+        wait = f"{_median(waits):.1f} ms" if waits else "not reported"
         lines.append(f"db_commit clones: {commits}, median wait {wait}")
     errors = sorted({str(s["finish_error"]) for s in stats if s.get("finish_error")})
     for error in errors:  # the cause only: a foreign fault's whole line was shown with the failing test

@@ -17,6 +17,8 @@ import statistics
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from pgshard.settings import SettingsError
+
 __all__ = [
     "DURATIONS_VERSION",
     "DurationsRecorder",
@@ -31,7 +33,7 @@ DURATIONS_VERSION = 1
 _SHARD_RE = re.compile(r"\s*([0-9]+)\s*/\s*([0-9]+)\s*")
 
 
-class ShardError(ValueError):
+class ShardError(SettingsError):
     """A ``--shard`` value that cannot be used; the message names the option."""
 
     def __init__(self, spec: str) -> None:
