@@ -91,7 +91,8 @@ class Run:
         the server) and, on the warm path only (a sealed template: no lock, no build), cloning this process's
         database (``clone``). Whatever fails here is done again, in the foreground, by the first step that
         needs it, and fails there as it always did; every method that touches the admin connection or the
-        clones waits for this thread first."""
+        clones waits for this thread first. A template named by importing the app is left to the main thread."""
+        clone = clone and self._named_by_files_alone()
         if self.server is None or self._background is not None or not (clean_up or clone):
             return
 
@@ -109,6 +110,18 @@ class Run:
 
         self._background = threading.Thread(target=work, name="pgshard-start-up", daemon=True)
         self._background.start()
+
+    def _named_by_files_alone(self) -> bool:
+        """Whether the template's fingerprint reads files only (alembic, sql and command steps): metadata: and
+        python: steps import the app to compute it, which must happen in the main thread, after the
+        conftests (which may set what the app reads at import)."""
+        from pgshard.migrate import MetadataMigrator, PythonMigrator
+
+        try:
+            migrators = parse_migrators(self.settings.migrate, self.settings.rootdir)
+        except Exception:
+            return False
+        return not any(isinstance(m, (MetadataMigrator, PythonMigrator)) for m in migrators)
 
     def _settle(self, timeout: float | None = None) -> bool:
         """Wait for start_background's thread; False when it is still running after ``timeout``."""

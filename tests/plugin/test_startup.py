@@ -89,3 +89,36 @@ def test_a_warm_run_clones_its_database_while_pytest_collects(
     warm.stdout.fnmatch_lines(["*reused (cache hit)*", "*clone per worker: main * ms*"])
     probe = json.loads(probed.read_text())
     assert probe["found"] and len(probe["found"]) == 1, "no clone of this run existed when collection ended"
+
+
+APP_MODELS = '''
+import os, threading
+
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+with open(os.environ["IMPORTED_IN"], "a") as fh:  # signal handlers and the like work in the main thread only
+    fh.write(threading.current_thread().name + "\\n")
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Thing(Base):
+    __tablename__ = "thing"
+    id: Mapped[int] = mapped_column(primary_key=True)
+'''
+
+
+def test_an_app_imported_to_name_the_template_is_imported_in_the_main_thread(
+        pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, pg_server: ServerInfo) -> None:
+    """metadata: (and python:) steps import the app to fingerprint the template: never in the start-up thread,
+    and never before the conftests."""
+    pytester.makepyfile(app_models=APP_MODELS, test_things=TESTS)
+    pytester.makeini("[pytest]\npgshard_migrate = metadata:app_models:Base\n")
+    imported_in = pytester.path / "imported-in.txt"
+    monkeypatch.setenv("IMPORTED_IN", str(imported_in))
+    for _ in range(2):  # cold, then warm
+        pytester.runpytest_subprocess("-p", "no:randomly", "-p", "no:cacheprovider").assert_outcomes(passed=2)
+    threads = imported_in.read_text().split()
+    assert threads and set(threads) == {"MainThread"}, threads
