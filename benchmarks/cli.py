@@ -277,9 +277,16 @@ def run_benchmarks(args: argparse.Namespace) -> int:
                     if not warm.ok:  # reported among the errors; the others still run
                         results.append(warm)
                         chosen.remove(contender)
+            hung: set[str] = set()  # a contender that hung once is not run again: each hang costs its time limit
             for round_no in range(1, args.rounds + 1):
                 for contender in chosen:
-                    results.append(_run(contender, bench, project, dirs, args.subset, round_no, peers, real))
+                    if contender.name in hung:
+                        continue
+                    result = _run(contender, bench, project, dirs, args.subset, round_no, peers, real)
+                    results.append(result)
+                    if result.error.startswith("killed after"):
+                        hung.add(contender.name)
+                        print(f"    {contender.name} hung: not run again in later rounds", flush=True)
             isolated = isolation(chosen, bench, project, dirs, peers)
         facts = machine(bench)
     facts["loadavg_before"] = load_before
