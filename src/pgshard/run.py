@@ -92,7 +92,7 @@ class Run:
         database (``clone``). Whatever fails here is done again, in the foreground, by the first step that
         needs it, and fails there as it always did; every method that touches the admin connection or the
         clones waits for this thread first. A template named by importing the app is left to the main thread."""
-        clone = clone and self._named_by_files_alone()
+        runs_tests, clone = clone, clone and self._named_by_files_alone()
         if self.server is None or self._background is not None or not (clean_up or clone):
             return
 
@@ -104,7 +104,7 @@ class Run:
                 with contextlib.suppress(Exception):
                     if self._ensure_template(build=False) is not None:
                         self._worker_database()
-            else:  # the controller of an xdist run: its workers clone; its start-up connection is done
+            elif not runs_tests:  # the controller of an xdist run: its workers clone; its connection is done
                 with contextlib.suppress(Exception):
                     self._close_admin()
 
