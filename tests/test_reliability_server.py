@@ -538,6 +538,38 @@ def test_a_lock_held_by_a_dead_process_is_taken_at_once(tmp_path: Path) -> None:
     lock.release()
 
 
+FULL_DISK_LOCK = textwrap.dedent("""
+    import resource, signal, sys
+    from pathlib import Path
+    from pgshard.lockfile import HolderLock, LockTimeout
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG), as on a full disk
+    resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))
+    path = Path(sys.argv[1])
+    lock = HolderLock(path, "holding on a full disk", timeout=5)
+    lock.acquire()
+    try:
+        HolderLock(path, "waiting", timeout=0.3).acquire()
+        print("both held")
+    except LockTimeout:
+        pass
+    lock.release()
+    other = HolderLock(path, "waiting", timeout=5)
+    other.acquire()
+    other.release()
+    print("held, then released")
+""")
+
+
+def test_a_lock_whose_holder_record_cannot_be_written_is_held_then_released(tmp_path: Path) -> None:
+    """On a full disk the holder's record cannot be written. The lock is held all the same, and released: a
+    raise there once leaked the flock, and a run and its server's watchdog then waited on each other."""
+    done = subprocess.run([sys.executable, "-c", FULL_DISK_LOCK, str(tmp_path / "x.lock")], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[:-1] == ["held, then released"]
+
+
 def test_a_run_waiting_for_another_runs_template_build_says_who_builds_it(
         project: Project, cache: Path, tmp_path: Path) -> None:
     started = tmp_path / "build-started"

@@ -125,8 +125,11 @@ class HolderLock:
             time.sleep(delay)
             delay = min(delay * 2, 0.2)
         record = {"pid": os.getpid(), "identity": process_identity(), "purpose": self.purpose, "since": time.time()}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(record).encode(), 0)
+        try:  # who holds it, for the messages of those who wait; the flock is the lock
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(record).encode(), 0)
+        except OSError:  # a full disk (ENOSPC): held all the same, and never leaked by a raise here
+            pass
         self._fd = fd
         self._depth = 1
         self.waited = time.monotonic() - started
