@@ -129,6 +129,30 @@ def test_a_warm_acquire_asks_the_server_nothing_until_the_server_or_its_passfile
     assert len(asked) == 3
 
 
+def test_a_password_that_no_longer_opens_the_server_forgets_the_cached_facts(cache_dir: Path) -> None:
+    """A password changed in place (the passfile's inode, size and mtime the same) would keep the cached facts
+    valid and the repair that a connection triggers would never come: a refused connection forgets them."""
+    from pgshard.server.base import ServerError, connect
+
+    server = EmbeddedServer(cache_dir=cache_dir)
+    info = server.acquire()
+    try:
+        assert server.facts_file.exists()
+        with psycopg.connect(to_libpq(info.url), autocommit=True) as conn:  # the cluster's password changes
+            conn.execute("ALTER ROLE pgshard PASSWORD 'changed-behind-pgshards-back'")
+        with pytest.raises(ServerError, match="password authentication failed"):
+            connect(info.url)
+        assert not server.facts_file.exists()
+        again = EmbeddedServer(cache_dir=cache_dir)  # the next run asks, is refused, and repairs the cache
+        repaired = again.acquire()
+        assert any("does not match the cluster" in note for note in again.notes), again.notes
+        with psycopg.connect(to_libpq(repaired.url)) as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+        again.release()
+    finally:
+        server.release()
+
+
 def test_data_directory_is_private_to_the_server_account(cache_dir: Path) -> None:
     server = EmbeddedServer(cache_dir=cache_dir)
     server.acquire()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import importlib
 import json
 import os
 import secrets
@@ -57,6 +58,8 @@ class Run:
     cleans_up: bool = False  # this worker drops the dead runs' databases (its controller left it to gw0)
     _maker: Template | None = field(default=None, repr=False)
     _background: threading.Thread | None = field(default=None, repr=False)  # start_background's work
+    _background_done: threading.Event | None = field(default=None, repr=False)
+    _abandoned: bool = False  # the start-up thread hung (an interrupted run): not waited for again
 
     # -- the server ----------------------------------------------------------------------------
     @staticmethod
@@ -91,25 +94,45 @@ class Run:
         the server) and, on the warm path only (a sealed template: no lock, no build), cloning this process's
         database (``clone``). Whatever fails here is done again, in the foreground, by the first step that
         needs it, and fails there as it always did; every method that touches the admin connection or the
-        clones waits for this thread first. A template named by importing the app is left to the main thread."""
+        clones waits for this thread first. A template named by importing the app is left to the main thread.
+
+        The thread only talks to the server: everything it needs is imported, and the template named, here
+        in the main thread. (A Ctrl-C can leave the interpreter's import lock held by the main thread; a
+        thread that then imports waits for ever.) Its clone is dropped at exit even when pytest never gets
+        to unconfigure (a conftest that fails to import, a usage error)."""
         runs_tests, clone = clone, clone and self._named_by_files_alone()
         if self.server is None or self._background is not None or not (clean_up or clone):
             return
+        for module in ("psycopg", "psycopg.errors", "psycopg.sql"):  # (see above: the thread imports nothing)
+            importlib.import_module(module)
+
+        if clone:
+            try:
+                self._template_maker().fingerprint()  # hashes the migrations' files, as the main thread would
+            except Exception:
+                clone = False  # the main thread names it again and reports why it cannot
+        done = threading.Event()
 
         def work() -> None:
-            if clean_up:
-                with contextlib.suppress(Exception):
-                    self._drop_stale()
-            if clone:
-                with contextlib.suppress(Exception):
-                    if self._ensure_template(build=False) is not None:
-                        self._worker_database()
-            elif not runs_tests:  # the controller of an xdist run: its workers clone; its connection is done
-                with contextlib.suppress(Exception):
-                    self._close_admin()
+            try:
+                if clean_up:
+                    with contextlib.suppress(Exception):
+                        self._drop_stale()
+                if clone:
+                    with contextlib.suppress(Exception):
+                        if self._ensure_template(build=False) is not None:
+                            self._worker_database()
+                elif not runs_tests:  # the controller of an xdist run: its workers clone; its connection is done
+                    with contextlib.suppress(Exception):
+                        self._close_admin()
+            finally:
+                done.set()
 
+        self._background_done = done
         self._background = threading.Thread(target=work, name="pgshard-start-up", daemon=True)
         self._background.start()
+        if clone:
+            atexit.register(self.finish)  # before stop_server's (atexit runs last in, first out)
 
     def _named_by_files_alone(self) -> bool:
         """Whether the template's fingerprint reads files only (alembic, sql and command steps): metadata: and
@@ -124,20 +147,34 @@ class Run:
         return not any(isinstance(m, (MetadataMigrator, PythonMigrator)) for m in migrators)
 
     def _settle(self, timeout: float | None = None) -> bool:
-        """Wait for start_background's thread; False when it is still running after ``timeout``."""
-        thread = self._background
-        if thread is None or thread is threading.current_thread():
+        """Wait for start_background's thread; False when it is still at work after ``timeout``. Then its
+        statement is cancelled, and the thread is given up on: later calls do not wait again (an interrupted
+        run must exit promptly), and what it may have made is left to the next run's clean-up."""
+        thread, done = self._background, self._background_done
+        if thread is None or done is None or thread is threading.current_thread():
             return True
-        thread.join(timeout)
-        if thread.is_alive():
+        if self._abandoned:
             return False
-        self._background = None
+        if not done.wait(timeout):  # an Event, not the thread's liveness, which a Ctrl-C during join() spoils
+            self._cancel_statements()
+            if not done.wait(2):
+                self._abandoned = True
+                return False
+        self._background = self._background_done = None
         return True
+
+    def _cancel_statements(self) -> None:
+        """Cancel what the start-up thread's connection is running (CREATE DATABASE waiting on a lock)."""
+        for admin in (self.admin, self.clones.admin if self.clones is not None else None):
+            connection = getattr(admin, "_conn", None) if admin is not None else None
+            if connection is not None and not connection.closed:
+                with contextlib.suppress(Exception):
+                    connection.cancel()
 
     @property
     def busy(self) -> bool:
         """start_background's thread is still at work (it closes the controller's connection itself)."""
-        return self._background is not None and self._background.is_alive()
+        return self._background_done is not None and not self._background_done.is_set()
 
     def _admin(self) -> Admin:
         """One admin connection for this process's start-up (stale runs, template, then the clones), not one
@@ -157,7 +194,7 @@ class Run:
             self.admin = None
 
     def stop_server(self) -> None:
-        if not self._settle(timeout=10):  # a start-up statement hung (interrupted run): leave it to the next run
+        if not self._settle(timeout=1):  # as in finish(): the thread's work is not waited for at the end
             return
         self.close_admin()
         if self.lease is not None:
@@ -325,7 +362,9 @@ class Run:
         """Drop this worker's clones (or keep them, with --pg-keep). Never raises: it runs in pytest's
         session teardown, where a server that died mid-run would otherwise print a traceback wall; the
         reason goes to the summary and the next run (or `pgshard clean`) drops what is left."""
-        if not self._settle(timeout=10):  # a start-up statement hung (interrupted run): leave it to the next run
+        # Still at work now, the start-up thread was needed by no test (an interrupted run, a collection error):
+        # a moment, then its statement is cancelled; what it may have made is the next run's to drop
+        if not self._settle(timeout=1):
             return
         with contextlib.suppress(Exception):
             self.close_admin()

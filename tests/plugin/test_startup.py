@@ -6,12 +6,14 @@ collects, before any test asks for it."""
 from __future__ import annotations
 
 import json
+import uuid
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from pgshard.server.base import ServerInfo
-from tests.conftest import Project
+from tests.conftest import Project, databases
 
 TESTS = '''
 def test_one(pg_database):
@@ -122,3 +124,22 @@ def test_an_app_imported_to_name_the_template_is_imported_in_the_main_thread(
         pytester.runpytest_subprocess("-p", "no:randomly", "-p", "no:cacheprovider").assert_outcomes(passed=2)
     threads = imported_in.read_text().split()
     assert threads and set(threads) == {"MainThread"}, threads
+
+
+@pytest.mark.parametrize("how", ["a conftest that fails to import", "an unknown option"])
+def test_a_run_that_never_reaches_its_tests_leaves_no_clone(
+        how: str, project: Project, admin_conn: psycopg.Connection) -> None:
+    """The start-up thread clones while the conftests import; a run that stops there (pytest never gets to its
+    session's end) still drops that clone, at exit."""
+    prefix = "pgu" + uuid.uuid4().hex[:8]
+    project.pytester.makepyfile(test_startup=TESTS)
+    project.run("-o", f"pgshard_prefix={prefix}").assert_outcomes(passed=2)  # builds: the next one is warm
+    if how == "an unknown option":
+        result = project.run("-o", f"pgshard_prefix={prefix}", "--no-such-option")
+        assert result.ret == pytest.ExitCode.USAGE_ERROR
+    else:
+        project.pytester.makeconftest("raise RuntimeError('this conftest is broken')\n")
+        result = project.run("-o", f"pgshard_prefix={prefix}")
+        assert result.ret != pytest.ExitCode.OK
+    left = [name for name in databases(admin_conn, prefix + "%") if "_tpl_" not in name]
+    assert left == [], f"{how} left {left}"

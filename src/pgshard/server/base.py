@@ -209,7 +209,20 @@ def connect(url: str, *, autocommit: bool = True, timeout: float = 10) -> psycop
         return psycopg.connect(to_libpq(url), autocommit=autocommit, connect_timeout=max(1, int(timeout)))
     except psycopg.OperationalError as exc:
         reason = " ".join(str(exc).split()) or type(exc).__name__
+        if "password authentication failed" in reason:
+            forget_facts(url)
         raise ServerError(f"cannot connect to PostgreSQL at {url}: {reason}") from None
+
+
+FACTS_FILE = "facts.json"  # the embedded server's version and fsync, beside its passfile
+
+
+def forget_facts(url: str) -> None:
+    """The passfile no longer opens the server (its password was changed in place): the embedded server's
+    cached facts must not spare the next run the connection that finds this out and repairs it."""
+    passfile = make_url(url).query.get("passfile")
+    if isinstance(passfile, str):
+        (Path(passfile).parent / FACTS_FILE).unlink(missing_ok=True)
 
 
 def describe(url: str, source: str) -> ServerInfo:

@@ -35,7 +35,7 @@ from urllib.parse import urlencode
 from pgshard.host import UnsafeDirectory, default_cache_dir, ensure_private_dir, pid_alive
 from pgshard.leases import Cluster, wait_for
 from pgshard.lockfile import LockError
-from pgshard.server.base import ServerError, ServerInfo, describe
+from pgshard.server.base import FACTS_FILE, ServerError, ServerInfo, describe
 
 SUPERUSER = "pgshard"
 REQUIRED = ("initdb", "pg_ctl", "postgres")
@@ -170,7 +170,7 @@ class EmbeddedServer:
         self.leases = self.cluster.leases
         self.secret_file = self.home / "secret.json"  # the port; the password lives only in the passfile
         self.passfile = self.home / "passfile"
-        self.facts_file = self.home / "facts.json"  # the running server's version and fsync (_facts)
+        self.facts_file = self.home / FACTS_FILE  # the running server's version and fsync (_facts)
         self.persistent_flag = self.cluster.persistent_flag
         self.logfile = self.sockdir / "server.log"
         self.linger = linger
