@@ -100,6 +100,12 @@ class Admin:
             self._conn.close()
             self._conn = None
 
+    def cancel(self) -> None:
+        """Cancel the statement this connection runs (safe from another thread); nothing when none."""
+        if self._conn is not None and not self._conn.closed:
+            with contextlib.suppress(Exception):
+                self._conn.cancel()
+
     def __enter__(self) -> Admin:
         return self
 

@@ -166,10 +166,8 @@ class Run:
     def _cancel_statements(self) -> None:
         """Cancel what the start-up thread's connection is running (CREATE DATABASE waiting on a lock)."""
         for admin in (self.admin, self.clones.admin if self.clones is not None else None):
-            connection = getattr(admin, "_conn", None) if admin is not None else None
-            if connection is not None and not connection.closed:
-                with contextlib.suppress(Exception):
-                    connection.cancel()
+            if admin is not None:
+                admin.cancel()
 
     @property
     def busy(self) -> bool:
