@@ -145,8 +145,7 @@ def pytest_load_initial_conftests(early_config: pytest.Config, parser: pytest.Pa
     # while pytest imports the conftests and collects: the dead runs' databases, and this process's clone
     # when it will run tests itself (a warm run's first test then finds its database made)
     runs_tests = _is_worker_process() or not distributes
-    run.start_background(clean_up=run.cleans_up,
-                         clone=settings.eager and runs_tests and not getattr(namespace, "collectonly", False))
+    run.start_background(clone=settings.eager and runs_tests and not getattr(namespace, "collectonly", False))
 
 
 def _distributes(namespace: Any) -> bool:

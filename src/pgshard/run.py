@@ -22,7 +22,7 @@ from sqlalchemy.engine import make_url
 from pgshard.admin import Admin
 from pgshard.clones import Clones, CloneTimes, Database, drop_stale, worker_database_name
 from pgshard.host import default_cache_dir
-from pgshard.migrate import blind_commands, hash_globs, parse_migrators
+from pgshard.migrate import Migrator, blind_commands, hash_globs, parse_migrators
 from pgshard.server import ServerLease, acquire
 from pgshard.server.base import ServerError, ServerInfo, connect, passfile_secrets
 from pgshard.settings import Settings, env_assignments, mask_url, placeholders
@@ -88,11 +88,11 @@ class Run:
     def _drop_stale(self) -> None:
         self.stale_dropped = drop_stale(self._admin(), self.settings.stale_ttl_hours)
 
-    def start_background(self, *, clean_up: bool, clone: bool) -> None:
+    def start_background(self, *, clone: bool) -> None:
         """Start-up work that nothing needs before the first test, done in a thread while pytest imports the
-        conftests and collects: dropping the databases of dead runs (``clean_up``, the process that acquired
-        the server) and, on the warm path only (a sealed template: no lock, no build), cloning this process's
-        database (``clone``). Whatever fails here is done again, in the foreground, by the first step that
+        conftests and collects: dropping the databases of dead runs (when this process ``cleans_up``) and, on
+        the warm path only (a sealed template: no lock, no build), cloning this process's database
+        (``clone``). Whatever fails here is done again, in the foreground, by the first step that
         needs it, and fails there as it always did; every method that touches the admin connection or the
         clones waits for this thread first. A template named by importing the app is left to the main thread.
 
@@ -100,17 +100,21 @@ class Run:
         in the main thread. (A Ctrl-C can leave the interpreter's import lock held by the main thread; a
         thread that then imports waits for ever.) Its clone is dropped at exit even when pytest never gets
         to unconfigure (a conftest that fails to import, a usage error)."""
-        runs_tests, clone = clone, clone and self._named_by_files_alone()
+        clean_up, runs_tests = self.cleans_up, clone
         if self.server is None or self._background is not None or not (clean_up or clone):
             return
-        for module in ("psycopg", "psycopg.errors", "psycopg.sql"):  # (see above: the thread imports nothing)
-            importlib.import_module(module)
-
         if clone:
             try:
-                self._template_maker().fingerprint()  # hashes the migrations' files, as the main thread would
+                maker = self._template_maker()
+                clone = self._named_by_files_alone(maker.migrators)
+                if clone:
+                    maker.fingerprint()  # hashes the migrations' files, as the main thread would
             except Exception:
                 clone = False  # the main thread names it again and reports why it cannot
+            if not (clean_up or clone):
+                return
+        for module in ("psycopg", "psycopg.errors", "psycopg.sql"):  # (see above: the thread imports nothing)
+            importlib.import_module(module)
         done = threading.Event()
 
         def work() -> None:
@@ -134,16 +138,13 @@ class Run:
         if clone:
             atexit.register(self.finish)  # before stop_server's (atexit runs last in, first out)
 
-    def _named_by_files_alone(self) -> bool:
+    @staticmethod
+    def _named_by_files_alone(migrators: list[Migrator]) -> bool:
         """Whether the template's fingerprint reads files only (alembic, sql and command steps): metadata: and
         python: steps import the app to compute it, which must happen in the main thread, after the
         conftests (which may set what the app reads at import)."""
         from pgshard.migrate import MetadataMigrator, PythonMigrator
 
-        try:
-            migrators = parse_migrators(self.settings.migrate, self.settings.rootdir)
-        except Exception:
-            return False
         return not any(isinstance(m, (MetadataMigrator, PythonMigrator)) for m in migrators)
 
     def _settle(self, timeout: float | None = None) -> bool:
