@@ -23,14 +23,28 @@ pytest_plugins = ["pytester"]
 collect_ignore = ["projects"]  # inner projects, run by the plugin tests with pytester
 
 _INNER_ENV_DROP = ("PGSHARD_", "PYTEST_XDIST_", "PYTEST_ADDOPTS", "DATABASE_URL")
+_INNER_ENV_KEEP = ("PGSHARD_CACHE_DIR",)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """This suite keeps to a cache dir (and so a server) of its own, never the machine-wide default that
+    other projects' runs share: given one (PGSHARD_CACHE_DIR), that one; else one per checkout. The xdist
+    workers inherit it, and so do the inner pytest sessions (tests that want another pass their own)."""
+    if not os.environ.get("PGSHARD_CACHE_DIR"):
+        import hashlib
+
+        base = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(config.rootpath) / ".pgshard-cache"
+        checkout = hashlib.sha256(str(Path(config.rootpath).resolve()).encode()).hexdigest()[:8]
+        os.environ["PGSHARD_CACHE_DIR"] = str(base / f"pgshard-tests-{os.getuid()}-{checkout}")
 
 
 @pytest.fixture(autouse=True)
 def _clean_inner_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Inner pytest sessions must not inherit this session's pgshard or xdist variables. Servers they start
-    stop when they end (no linger) unless a test asks otherwise: assertions on "stopped" stay exact."""
+    """Inner pytest sessions must not inherit this session's pgshard or xdist variables, but its cache dir.
+    Servers they start stop when they end (no linger) unless a test asks otherwise: assertions on "stopped"
+    stay exact."""
     for name in list(os.environ):
-        if name.startswith(_INNER_ENV_DROP):
+        if name.startswith(_INNER_ENV_DROP) and name not in _INNER_ENV_KEEP:
             monkeypatch.delenv(name)
     monkeypatch.setenv("PGSHARD_LINGER", "0")
 

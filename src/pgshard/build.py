@@ -15,7 +15,9 @@ import os
 import pickle
 import subprocess
 import sys
+import traceback
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 from pgshard import redirect
 from pgshard.migrate import (
@@ -44,7 +46,7 @@ def apply_one(migrator: Migrator, url: str) -> None:
     except MigrationError:
         raise
     except Exception as exc:
-        raise MigrationError(migrator.spec, exc) from exc
+        raise MigrationError(migrator.spec, exc, traceback="".join(traceback.format_exception(exc))) from exc
 
 
 def apply_steps(migrators: Sequence[Migrator], url: str, env: Mapping[str, str]) -> None:
@@ -75,7 +77,7 @@ def _in_child(batch: Sequence[Migrator], url: str, env: Mapping[str, str]) -> No
     child_env = {**interpreter_env(os.environ), **env}
     proc = subprocess.run([sys.executable, "-m", "pgshard.build"], input=pickle.dumps((list(batch), url)),
                           env=child_env, capture_output=True, check=False)
-    events: list[dict[str, str]] = []
+    events: list[dict[str, Any]] = []
     for line in proc.stdout.decode(errors="replace").splitlines():
         try:
             events.append(json.loads(line))
@@ -84,7 +86,9 @@ def _in_child(batch: Sequence[Migrator], url: str, env: Mapping[str, str]) -> No
     if proc.returncode == 0 and events and events[-1].get("ok"):
         return
     if events and "reason" in events[-1]:
-        raise MigrationError(events[-1]["spec"], events[-1]["reason"])
+        last = events[-1]
+        raise MigrationError(last["spec"], last["reason"], where=last.get("where", ""),
+                             traceback=last.get("traceback", ""), output=last.get("output", []))
     # The child died inside a step (os._exit, a crash, a signal): blame the step it had started.
     started = [e["spec"] for e in events if "spec" in e]
     tail = [line for line in proc.stderr.decode(errors="replace").splitlines() if line.strip()][-_TAIL_LINES:]
@@ -110,7 +114,8 @@ def main() -> int:
             try:
                 apply_one(migrator, url)
             except MigrationError as exc:
-                result.write(json.dumps({"spec": exc.spec, "reason": exc.reason}) + "\n")
+                result.write(json.dumps({"spec": exc.spec, "reason": exc.reason, "where": exc.where,
+                                         "traceback": exc.traceback, "output": exc.output}) + "\n")
                 return 3
         result.write(json.dumps({"ok": True}) + "\n")
     return 0

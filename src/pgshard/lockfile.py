@@ -32,6 +32,11 @@ def _stderr(line: str) -> None:
 _announcer: Callable[[str], None] = _stderr
 
 
+def announce(line: str) -> None:
+    """Say ``line`` where the user sees it now (the terminal, through pytest's capture when set)."""
+    _announcer(line)
+
+
 def set_announcer(announce: Callable[[str], None]) -> Callable[[str], None]:
     """Where "waiting for ..." lines go (pytest passes a writer that bypasses output capture); returns the
     previous one so a caller can restore it."""

@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import inspect
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from pgshard.settings import SettingsError, import_object, mask_url
+from pgshard.settings import SettingsError, import_object, mask_url, raised_at
 
 KINDS = ("alembic", "metadata", "sql", "python", "command")
 
@@ -33,17 +34,49 @@ class Migrator(Protocol):
 
 
 class MigrationError(RuntimeError):
-    """A template build step failed; the message names the pgshard_migrate line."""
+    """A template build step failed; the message names the pgshard_migrate line, the exception and where
+    it was raised (``file:line`` of the project's code); ``traceback`` keeps the whole of it for --tb=long."""
 
-    def __init__(self, spec: str, cause: BaseException | str) -> None:
+    def __init__(self, spec: str, cause: BaseException | str, *, where: str = "", traceback: str = "",
+                 output: Sequence[str] = ()) -> None:
         reason = cause if isinstance(cause, str) else f"{type(cause).__name__}: {cause}"
         reason = " ".join(str(reason).split())
         if len(reason) > 500:
             reason = reason[:500] + " ..."
-        super().__init__(mask_url(f"pgshard_migrate step '{spec}' failed: {reason}"))
+        if isinstance(cause, BaseException) and not where:
+            where = raised_at(cause)
+        at = f" (at {where})" if where else ""
+        text = f"pgshard_migrate step '{spec}' failed: {reason}{at}"
+        super().__init__(mask_url("\n".join([text, *output])))
         self.spec = spec
         self.reason = reason
+        self.where = where
+        self.output = list(output)  # a command's last meaningful lines and the file with all of it
+        self.traceback = mask_url(traceback)
         self.elsewhere = False  # another process of this run failed this way and has reported it
+
+    def describe(self, tbstyle: str = "auto") -> str:
+        """The one message a run shows: ``str(self)``, with the build's whole traceback under --tb=long."""
+        if not self.traceback:
+            return str(self)
+        if tbstyle == "long":
+            return f"{self}\nthe build's traceback:\n{self.traceback.rstrip()}"
+        return f"{self}\n(the build's whole traceback: --tb=long)"
+
+
+_NOISE = re.compile(r"^\s*\(Background on this error at: .*\)\s*$")
+_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt|Failure|Warning)\b.*")
+OUTPUT_LINES = 6
+
+
+def meaningful_tail(output: str, limit: int = OUTPUT_LINES) -> list[str]:
+    """The lines of a failed command's output that say why: from the last exception line of a Python
+    traceback (``sqlalchemy.exc.OperationalError: ...`` and what follows it, less SQLAlchemy's link), else
+    the last non-blank lines; at most ``limit``."""
+    lines = [line.rstrip() for line in output.splitlines() if line.strip() and not _NOISE.match(line)]
+    starts = [i for i, line in enumerate(lines) if _EXCEPTION_LINE.match(line)]
+    tail = lines[starts[-1]:] if starts else lines[-limit:]
+    return [line[:300] for line in tail[:limit]]
 
 
 def _sha(*parts: bytes | str) -> str:
@@ -350,8 +383,20 @@ class CommandMigrator:
             raise MigrationError(self.spec, f"{exc.strerror}: {args[0]!r} (PATH starts with {env['PATH'][:200]})") \
                 from None
         if proc.returncode != 0:
-            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["(no output)"]
-            raise MigrationError(self.spec, f"exit {proc.returncode}: {tail[0]}")
+            output = "\n".join(part for part in (proc.stdout, proc.stderr) if part)
+            raise MigrationError(self.spec, f"exit {proc.returncode}",
+                                 output=[*("  " + line for line in meaningful_tail(output) or ["(no output)"]),
+                                         f"  whole output: {_keep_output(self.command, output)}"])
+
+
+def _keep_output(command: str, output: str) -> str:
+    """Write a failed command's whole output (passwords in URLs masked) to a private file; its path."""
+    import tempfile
+
+    fd, path = tempfile.mkstemp(prefix="pgshard-step-", suffix=".log")  # 0600
+    with os.fdopen(fd, "w") as handle:
+        handle.write(f"$ {command}\n{mask_url(output)}")
+    return path
 
 
 def blind_commands(migrators: Sequence[Migrator]) -> list[str]:

@@ -55,6 +55,7 @@ class Run:
     fault: str | None = None  # the first foreign fault's one line (faults.py): later ones repeat it
     finish_error: str | None = None  # why this worker's clones could not be dropped
     _secrets: list[str] | None = field(default=None, repr=False)
+    _url_scheme: str | None = field(default=None, repr=False)  # "" once found to be pgshard's default
     cleans_up: bool = False  # this worker drops the dead runs' databases (its controller left it to gw0)
     _maker: Template | None = field(default=None, repr=False)
     _background: threading.Thread | None = field(default=None, repr=False)  # start_background's work
@@ -250,7 +251,26 @@ class Run:
         """pgshard_env assignments for this worker's database (or another of this run's)."""
         if not self.settings.env or self.server is None:
             return {}
-        return env_assignments(self.settings.env, placeholders(self.database_url(name), self._user_password()))
+        return env_assignments(self.settings.env, placeholders(self.database_url(name), self._user_password(),
+                                                               self.url_scheme()))
+
+    def url_scheme(self) -> str | None:
+        """The scheme ``{url}`` carries: the app's own driver as its files tell (discover.url_driver), found
+        once per process; when they cannot tell, psycopg 3, and the controller says so once."""
+        if self._url_scheme is None:
+            names = [line.split("=", 1)[0].strip() for line in self.settings.env if "{url}" in line]
+            scheme = ""
+            if names:
+                from pgshard.discover import url_driver
+
+                choice = url_driver(self.settings.rootdir, names)
+                scheme = choice.scheme or ""
+                if choice.warning and self.worker_id == "main":
+                    from pgshard.lockfile import announce
+
+                    announce(f"pgshard: {choice.warning}")
+            self._url_scheme = scheme
+        return self._url_scheme or None
 
     def _user_password(self) -> str | None:
         """The password given in --pg-url, for ``{password}`` (pgshard's own URLs carry none)."""
@@ -295,7 +315,7 @@ class Run:
                                for spec in blind_commands(migrators)]
             self._maker = Template(self._admin(), server, migrators, lock_dir=lock_dir, run_id=self.run_id,
                                    rebuild=self.settings.rebuild, keep=self.settings.keep_templates,
-                                   env_lines=self.settings.env, inputs=inputs,
+                                   env_lines=self.settings.env, url_scheme=self.url_scheme(), inputs=inputs,
                                    project=project_key(self.settings.rootdir))
         return self._maker
 

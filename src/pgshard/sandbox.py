@@ -54,10 +54,21 @@ class Sandbox:
         return Session(bind=self.connection, join_transaction_mode="create_savepoint", **kw)
 
 
+def in_transactions(connection: Connection) -> Connection:
+    """The test's connection out of autocommit, so its outer transaction and savepoints are real: an app
+    engine made with ``isolation_level="AUTOCOMMIT"`` (common in test settings) would otherwise run
+    ``SAVEPOINT`` outside any transaction. Only this connection changes, and only while it is checked out:
+    SQLAlchemy resets its isolation level when it goes back to the pool, so the app's others keep theirs."""
+    if getattr(connection.connection.dbapi_connection, "autocommit", False) is True:
+        return connection.execution_options(isolation_level=connection.dialect.default_isolation_level
+                                            or "READ COMMITTED")
+    return connection
+
+
 @contextlib.contextmanager
 def sandbox(engine: Engine) -> Iterator[Sandbox]:
     _explain_errors_on(engine)
-    connection = engine.connect()
+    connection = in_transactions(engine.connect())
     transaction = connection.begin()
     try:
         yield Sandbox(connection)
@@ -170,6 +181,7 @@ class AsyncSandbox:
         if self.connection is None:
             self.loop = asyncio.get_running_loop()
             connection = await self.engine.connect()
+            await connection.run_sync(in_transactions)
             _explain_errors_on(self.engine.sync_engine)
             await connection.begin()
             self.connection = connection

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,6 +69,9 @@ OPTIONS: tuple[Option, ...] = (
            "Database names, one per line: SQLAlchemy engines connecting to one land on this worker's database."),
     Option("base_url", None, "PGSHARD_BASE_URL", "pgshard_base_url", "str", "http://test",
            "Base URL of the client fixtures' requests, e.g. http://test/api for an app mounted under /api."),
+    Option("lifespan", None, "PGSHARD_LIFESPAN", "pgshard_lifespan", "bool", True,
+           "Run the app's lifespan (startup, shutdown) around each test's client, as `with TestClient(app)` does; "
+           "false for an app whose startup reaches outside."),
     Option("async_driver", None, "PGSHARD_ASYNC_DRIVER", "pgshard_async_driver", "str", "psycopg",
            "Driver for async_db_session when the app has no async engine (set: overrides the app's): "
            "psycopg or asyncpg."),
@@ -117,6 +121,7 @@ class Settings:
     engine: str | None = None
     redirect: tuple[str, ...] = ()
     base_url: str = "http://test"
+    lifespan: bool = True
     async_driver: str = "psycopg"
     rebuild: bool = False
     keep: bool = False
@@ -242,6 +247,26 @@ def env_assignments(lines: Sequence[str], placeholders: Mapping[str, str]) -> di
     return out
 
 
+def raised_at(exc: BaseException) -> str:
+    """``file:line`` of the innermost frame of the project's own code in ``exc``'s traceback (a migration,
+    a seed script, a model), relative to the working directory (the rootdir); a SyntaxError's own spot."""
+    import traceback as tb
+
+    if isinstance(exc, SyntaxError) and exc.filename:
+        return f"{_relative(exc.filename)}:{exc.lineno}"
+    outside = tuple(str(Path(p).resolve()) for p in {sys.prefix, sys.base_prefix, str(Path(__file__).parent)})
+    frames = [f for f in tb.extract_tb(exc.__traceback__)
+              if not str(Path(f.filename).resolve()).startswith(outside) and not f.filename.startswith("<")]
+    return f"{_relative(frames[-1].filename)}:{frames[-1].lineno}" if frames else ""
+
+
+def _relative(filename: str) -> str:
+    path = Path(filename).resolve()
+    with contextlib.suppress(ValueError):
+        return str(path.relative_to(Path.cwd().resolve()))
+    return str(path)
+
+
 def import_object(target: str, option: str) -> Any:
     """Resolve ``module:attribute`` (dotted attribute allowed); errors name the option to fix."""
     import importlib
@@ -253,21 +278,41 @@ def import_object(target: str, option: str) -> Any:
         obj: Any = importlib.import_module(module_name)
         for part in attr.split("."):
             obj = getattr(obj, part)
-    except (ImportError, AttributeError) as exc:
-        raise SettingsError(f"{option}: cannot import {target} ({type(exc).__name__}: {exc})") from None
+    except Exception as exc:  # the module itself may raise anything at import
+        where = raised_at(exc)
+        at = f" at {where}" if where else ""
+        raise SettingsError(f"{option}: cannot import {target} ({type(exc).__name__}: {exc}{at})") from None
     return obj
 
 
-def placeholders(url: str, password: str | None = None) -> dict[str, str]:
+def passfile_passwords(passfile: str) -> list[str]:
+    """The passwords in a libpq passfile (``host:port:db:user:password`` lines, ``\\:`` escaped); none
+    when it cannot be read."""
+    try:
+        lines = Path(passfile).read_text().splitlines()
+    except OSError:
+        return []
+    found = []
+    for line in lines:
+        fields = re.split(r"(?<!\\):", line, maxsplit=4)
+        if len(fields) == 5:
+            found.append(fields[4].replace("\\:", ":").replace("\\\\", "\\"))
+    return found
+
+
+def placeholders(url: str, password: str | None = None, scheme: str | None = None) -> dict[str, str]:
     """What a ``pgshard_env`` line may use, for the database at ``url`` (a SQLAlchemy URL). pgshard's URLs
-    name a passfile instead of carrying a password: ``{password}`` is then ``password`` (the one given in
-    --pg-url) or empty (the embedded server's lives only in ``{passfile}``)."""
+    name a passfile instead of carrying a password; ``{password}`` is the real one all the same (``password``,
+    else the passfile's), since an app that builds its URL from parts has no other way to log in. It never
+    reaches output: every report is scrubbed of it (docs/reliability.md, "Secrets")."""
     from sqlalchemy.engine import make_url
 
     parsed = make_url(url)
     passfile = parsed.query.get("passfile", "")
-    return {
-        "url": parsed.render_as_string(hide_password=False),
+    if password is None and isinstance(passfile, str) and passfile:
+        password = next(iter(passfile_passwords(passfile)), None)
+    return {  # {url}: the app's own driver (``scheme``, discover.url_driver), else psycopg 3
+        "url": (parsed.set(drivername=scheme) if scheme else parsed).render_as_string(hide_password=False),
         "libpq_url": parsed.set(drivername="postgresql").render_as_string(hide_password=False),
         "psycopg2_url": parsed.set(drivername="postgresql+psycopg2").render_as_string(hide_password=False),
         "async_url": parsed.set(drivername="postgresql+psycopg_async").render_as_string(hide_password=False),

@@ -14,8 +14,11 @@ import os
 import re
 import secrets
 import statistics
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from pgshard.settings import SettingsError
 
@@ -23,6 +26,7 @@ __all__ = [
     "DURATIONS_VERSION",
     "DurationsRecorder",
     "ShardError",
+    "ShardHooks",
     "load_durations",
     "parse_shard",
     "split",
@@ -215,3 +219,52 @@ class DurationsRecorder:
         if problem is not None:
             return f"durations file {path} {problem}; replaced it with this run's durations"
         return None
+
+
+# -- pytest hooks (registered by plugin.py only when --shard or --pg-store-durations is given) --------------
+class ShardHooks:
+    """--shard K/N selection (identical in every xdist worker: the split is deterministic) and
+    --pg-store-durations recording (in the controller, which sees every worker's reports)."""
+
+    def __init__(self, config: pytest.Config, run: Any, worker_stats: Callable[[], list[dict[str, Any]]]) -> None:
+        self.config = config
+        self.run = run  # a pgshard.run.Run: its shard_emptied flag
+        self.worker_stats = worker_stats  # what the xdist workers reported at their end
+        self.settings = run.settings
+        self.shard = parse_shard(self.settings.shard) if self.settings.shard else None
+        self.recorder = DurationsRecorder() if self.settings.store_durations else None
+
+    def _warn(self, text: str | None) -> None:
+        # Under xdist only workers collect; gw0 speaks for all (xdist forwards its warning to the summary).
+        workerinput = getattr(self.config, "workerinput", None)
+        if text and (workerinput is None or workerinput.get("workerid") == "gw0"):
+            self.config.issue_config_time_warning(pytest.PytestWarning(f"pgshard: {text}"), stacklevel=2)
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_collection_modifyitems(self, config: pytest.Config, items: list[pytest.Item]) -> None:
+        if self.shard is None:
+            return
+        path = self.settings.durations_file
+        durations, warning = load_durations(path)
+        self._warn(warning)
+        selected, warning = split([item.nodeid for item in items], *self.shard, durations,
+                                  source=f"durations file {path}")
+        self._warn(warning)
+        keep = set(selected)
+        deselected = [item for item in items if item.nodeid not in keep]
+        if deselected:
+            config.hook.pytest_deselected(items=deselected)
+            items[:] = [item for item in items if item.nodeid in keep]
+            self.run.shard_emptied = not items
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        if self.recorder is not None:
+            self.recorder.add(report.nodeid, report.duration)
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
+        if self.recorder is not None and not hasattr(self.config, "workerinput"):
+            self._warn(self.recorder.write(self.settings.durations_file))
+        emptied = self.run.shard_emptied or any(stats.get("shard_emptied") for stats in self.worker_stats())
+        if exitstatus == pytest.ExitCode.NO_TESTS_COLLECTED and emptied:
+            session.exitstatus = pytest.ExitCode.OK  # more shards than tests: an empty shard is not a failure

@@ -25,7 +25,7 @@ from pgshard.build import apply_steps
 from pgshard.lockfile import HolderLock, LockError
 from pgshard.migrate import MigrationError, Migrator, _sha
 from pgshard.server.base import ServerError, ServerInfo
-from pgshard.settings import env_assignments, placeholders
+from pgshard.settings import SettingsError, env_assignments, placeholders
 from pgshard.version import __version__
 
 
@@ -113,6 +113,7 @@ class Template:
         rebuild: bool = False,
         keep: int = 3,
         env_lines: Sequence[str] = (),
+        url_scheme: str | None = None,
         inputs: Sequence[str] = (),
         project: str = "",
     ) -> None:
@@ -124,6 +125,7 @@ class Template:
         self.rebuild = rebuild
         self.keep = keep
         self.env_lines = tuple(env_lines)
+        self.url_scheme = url_scheme  # what {url} carries in pgshard_env: the app's driver (discover.url_driver)
         self.inputs = tuple(inputs)  # more fingerprint parts: hashes of files the steps read (pgshard_fingerprint)
         self.project = project
         self._fingerprint: str | None = None
@@ -136,6 +138,8 @@ class Template:
                     parts.append(f"{migrator.spec}={migrator.fingerprint()}")
                 except MigrationError:
                     raise
+                except SettingsError as exc:  # the line's target cannot be imported: its own words say why
+                    raise MigrationError(migrator.spec, f"cannot fingerprint: {exc}") from exc
                 except Exception as exc:
                     raise MigrationError(migrator.spec, f"cannot fingerprint: {type(exc).__name__}: {exc}") from exc
             self._fingerprint = hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
@@ -243,7 +247,8 @@ class Template:
             # the build child redirects pgshard_redirect's names to the build database too (redirect.CHILD_NAMES)
             with redirect.retarget(url):
                 apply_steps(self.migrators, url,
-                            {**env_assignments(self.env_lines, placeholders(url)), **redirect.child_environment()})
+                            {**env_assignments(self.env_lines, placeholders(url, scheme=self.url_scheme)),
+                             **redirect.child_environment()})
         except BaseException:
             self.admin.drop(build, force=True)
             raise

@@ -345,3 +345,81 @@ def test_pgshard_async_driver_overrides_the_apps_async_driver(pytester: pytest.P
             assert await async_db_session.scalar(text("SELECT current_database()")) == pg_database.name
     '''))
     run(pytester).assert_outcomes(passed=1)
+
+
+LIFESPAN = '''
+from contextlib import asynccontextmanager
+from fastapi import Request
+
+
+@asynccontextmanager
+async def lifespan(app):
+    app.state.started = True
+    yield {"greeting": "ready"}
+    app.state.started = False
+
+
+@router.get("/health")
+def health(request: Request):
+    return {"started": request.app.state.started, "greeting": request.state.greeting}
+
+
+app = FastAPI(lifespan=lifespan)
+app.include_router(router, prefix="/api")
+'''
+
+# Issue 15, items 5 and 6: every cell again, on an app engine in AUTOCOMMIT (the test's connection leaves it for
+# the outer transaction, the app's other connections keep it) with a lifespan that fills app and request state.
+AUTOCOMMIT_AND_LIFESPAN = '''
+
+{mark}
+async def test_lifespan_async_client(async_client):
+    assert (await async_client.get("/health")).json() == {{"started": True, "greeting": "ready"}}
+
+
+def test_lifespan_client(client):
+    assert client.get("/health").json() == {{"started": True, "greeting": "ready"}}
+
+
+def test_db_connection_in_a_transaction_and_the_apps_other_connections_in_autocommit(db_connection):
+    assert db_connection.in_transaction()
+    db_connection.execute(text("INSERT INTO thing (name) VALUES ('via-connection')"))
+    db_connection.execute(text("SAVEPOINT s1"))  # refused outside a transaction block
+    engine = getattr(app.engine, "sync_engine", app.engine)
+    if engine.dialect.driver != "asyncpg":  # a sync driver: look at another connection of the app's own pool
+        with engine.connect() as other:
+            assert other.connection.dbapi_connection.autocommit is True
+
+
+def test_zz_the_pool_keeps_autocommit_and_nothing_is_left(pg_engine):
+    engine = getattr(app.engine, "sync_engine", app.engine)
+    if engine.dialect.driver != "asyncpg":
+        with engine.connect() as conn:  # the test connections went back to the pool as the app made them
+            assert conn.connection.dbapi_connection.autocommit is True
+    with pg_engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM thing")).scalar() == 0
+'''
+
+
+@pytest.mark.parametrize(("kind", "driver"), [("sync", "psycopg2"), ("sync", "psycopg"), ("async", "asyncpg")],
+                         ids=["sync-psycopg2", "sync-psycopg", "async-asyncpg"])
+def test_an_autocommit_app_engine_with_a_lifespan_works_in_every_fixture(
+        pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, kind: str, driver: str) -> None:
+    monkeypatch.setenv("COLUMNS", "400")
+    mark, args = make_app(pytester, kind, driver)
+    source = (pytester.path / "app.py").read_text()
+    source = source.replace("connect_args=CONNECT_ARGS)", 'connect_args=CONNECT_ARGS, isolation_level="AUTOCOMMIT")')
+    source = source.replace('app = FastAPI()\napp.include_router(router, prefix="/api")', LIFESPAN)
+    assert 'isolation_level="AUTOCOMMIT"' in source and "lifespan=lifespan" in source
+    (pytester.path / "app.py").write_text(source)
+    cells = CELLS.format(driver=driver, mark=mark).replace("def test_zz_nothing_left", "def test_zy_nothing_left")
+    pytester.makepyfile(test_matrix=cells + AUTOCOMMIT_AND_LIFESPAN.format(mark=mark))
+    result = run(pytester, *args)
+    refused = dict(APPS[(kind, driver)][2])
+    if kind == "async":  # its savepoints are async_db_session's and db_session's: db_connection is refused
+        refused["test_db_connection_in_a_transaction_and_the_apps_other_connections_in_autocommit"] = (
+            "db_connection cannot share the async app's connection: use db_session")
+    result.assert_outcomes(passed=10 - len(refused), errors=len(refused))
+    result.stdout.fnmatch_lines_random([f"ERROR test_matrix.py::{test} - Failed: pgshard: {line}"
+                                        for test, line in refused.items()])
+    assert "Traceback" not in result.stdout.str()

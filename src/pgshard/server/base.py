@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -21,7 +20,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
 from pgshard.host import UnsafeDirectory, ensure_private_dir
-from pgshard.settings import mask_url
+from pgshard.settings import mask_url, passfile_passwords
 
 if TYPE_CHECKING:  # imported where a connection is made: an xdist controller on a warm server makes none
     import psycopg
@@ -183,18 +182,7 @@ def without_password(url: str, cache_dir: Path) -> str:
 def passfile_secrets(url: str) -> list[str]:
     """The passwords in the passfile ``url`` names (to mask wherever a driver may have copied them)."""
     passfile = make_url(url).query.get("passfile")
-    if not isinstance(passfile, str):
-        return []
-    try:
-        lines = Path(passfile).read_text().splitlines()
-    except OSError:
-        return []
-    found = []
-    for line in lines:
-        fields = re.split(r"(?<!\\):", line, maxsplit=4)
-        if len(fields) == 5:
-            found.append(fields[4].replace("\\:", ":").replace("\\\\", "\\"))
-    return found
+    return passfile_passwords(passfile) if isinstance(passfile, str) else []
 
 
 def _pgpass_escape(value: str) -> str:

@@ -1,0 +1,174 @@
+"""What a project's own files say about how it reaches PostgreSQL: a project directory in, facts and the
+evidence for each out. No pytest, no imports of the project, no writes: the plugin asks it which driver
+``{url}`` must carry, and ``pgshard init`` asks it for the lines it writes.
+
+The driver comes first from a URL the project already has (its environment, ``.env``, ``alembic.ini``, the
+defaults of its settings module): that scheme is what production runs. Failing that, from the drivers its
+dependencies declare (pyproject.toml, requirements files, setup.cfg), when they name exactly one.
+"""
+
+from __future__ import annotations
+
+import configparser
+import os
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+# SQLAlchemy's driver names, by the package that provides them
+PACKAGES = {"psycopg2": "psycopg2", "psycopg2-binary": "psycopg2", "psycopg": "psycopg", "psycopg-binary": "psycopg",
+            "asyncpg": "asyncpg"}
+DRIVER_SCHEMES = {"psycopg2": "postgresql+psycopg2", "psycopg": "postgresql+psycopg", "asyncpg": "postgresql+asyncpg"}
+_SCHEME = re.compile(r"\b(postgres(?:ql)?(?:\+(?P<driver>[a-z0-9_]+))?)://", re.I)
+_REQUIREMENT = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)(\[[^\]]*\])?\s*(?:[<>=!~;@ ]|$)")
+_SKIP_DIRS = {".git", ".venv", "venv", "env", "node_modules", "__pycache__", ".tox", ".nox", "site-packages", "build",
+              "dist", ".mypy_cache", ".pytest_cache", ".ruff_cache"}
+_SETTINGS_FILES = {"settings.py", "config.py", "database.py", "db.py", "conf.py", "session.py", "core.py",
+                   "base.py", "env.py"}
+
+
+@dataclass(frozen=True)
+class Evidence:
+    value: str  # what was found
+    source: str  # where: "alembic.ini: sqlalchemy.url = postgresql+asyncpg://..."
+
+
+def _clip(text: str, limit: int = 100) -> str:
+    from pgshard.settings import mask_url
+
+    text = mask_url(" ".join(text.split()))
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def scheme_of(url: str) -> str | None:
+    """``postgresql+asyncpg`` from a URL (``postgres://`` counts as ``postgresql``); None if it is none."""
+    match = _SCHEME.search(url)
+    if match is None:
+        return None
+    driver = match["driver"]
+    return f"postgresql+{driver.lower()}" if driver else "postgresql"
+
+
+def walk(root: Path, names: set[str] | None = None, depth: int = 4) -> Iterator[Path]:
+    """The project's files (not its virtualenvs, caches or builds), ``names`` only when given."""
+    try:
+        entries = sorted(root.iterdir())
+    except OSError:
+        return
+    for entry in entries:
+        if entry.is_dir():
+            if depth > 0 and entry.name not in _SKIP_DIRS and not entry.name.startswith("."):
+                yield from walk(entry, names, depth - 1)
+        elif names is None or entry.name in names:
+            yield entry
+
+
+def existing_urls(root: Path, env_names: Sequence[str], environ: Mapping[str, str]) -> list[Evidence]:
+    """URL schemes the project already uses, most telling first: its environment (the variables pgshard_env
+    sets), ``.env`` files, ``alembic.ini``, then string defaults in its settings and database modules."""
+    found: list[Evidence] = []
+    for name in env_names:
+        value = environ.get(name, "")
+        if (scheme := scheme_of(value)) and "passfile=" not in value:  # not one of pgshard's own
+            found.append(Evidence(scheme, f"${name} = {_clip(value)}"))
+    for path in [root / ".env", root / ".env.example", root / ".env.test", *walk(root, {".env"}, 2)]:
+        for line in _lines(path):
+            if (scheme := scheme_of(line)) and "=" in line:
+                found.append(Evidence(scheme, f"{path.relative_to(root)}: {_clip(line)}"))
+    for path in walk(root, {"alembic.ini"}, 2):
+        for line in _lines(path):
+            if line.strip().startswith("sqlalchemy.url") and (scheme := scheme_of(line)):
+                found.append(Evidence(scheme, f"{path.relative_to(root)}: {_clip(line)}"))
+    for path in walk(root, _SETTINGS_FILES, 3):
+        for line in _lines(path):
+            if (scheme := scheme_of(line)) and not line.lstrip().startswith("#"):
+                found.append(Evidence(scheme, f"{path.relative_to(root)}: {_clip(line)}"))
+    return list({e.source: e for e in found}.values())
+
+
+def _lines(path: Path) -> list[str]:
+    try:
+        if path.is_file() and path.stat().st_size < 1_000_000:
+            return path.read_text(errors="replace").splitlines()
+    except OSError:
+        pass
+    return []
+
+
+def declared_drivers(root: Path) -> list[Evidence]:
+    """The PostgreSQL drivers the project's dependencies name (value: SQLAlchemy's driver name)."""
+    found: list[Evidence] = []
+
+    def add(requirement: str, source: str) -> None:
+        match = _REQUIREMENT.match(requirement)
+        if match and (driver := PACKAGES.get(match[1].lower().replace("_", "-"))):
+            found.append(Evidence(driver, f"{source}: {_clip(requirement)}"))
+
+    pyproject = root / "pyproject.toml"
+    if pyproject.is_file():
+        data: Any = _toml(pyproject)
+        project: Any = data.get("project") if isinstance(data.get("project"), dict) else {}
+        for requirement in project.get("dependencies") or []:
+            add(str(requirement), "pyproject.toml")
+        for group in (project.get("optional-dependencies") or {}).values():
+            for requirement in group:
+                add(str(requirement), "pyproject.toml (optional)")
+        tool: Any = data.get("tool") if isinstance(data.get("tool"), dict) else {}
+        poetry: Any = tool.get("poetry") if isinstance(tool.get("poetry"), dict) else {}
+        for name in poetry.get("dependencies") or {}:
+            add(str(name), "pyproject.toml [tool.poetry.dependencies]")
+    for path in sorted(root.glob("requirements*.txt")) + sorted(root.glob("requirements/*.txt")):
+        for line in _lines(path):
+            add(line, str(path.relative_to(root)))
+    setup_cfg = root / "setup.cfg"
+    if setup_cfg.is_file():
+        parser = configparser.ConfigParser(interpolation=None)
+        try:
+            parser.read(setup_cfg)
+            for line in parser.get("options", "install_requires", fallback="").splitlines():
+                add(line, "setup.cfg")
+        except configparser.Error:
+            pass
+    return found
+
+
+def _toml(path: Path) -> dict[str, object]:
+    import sys
+
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:
+        import tomli as tomllib
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+@dataclass(frozen=True)
+class DriverChoice:
+    scheme: str | None  # what {url} carries: "postgresql+psycopg2"; None: undecided (psycopg 3, with a warning)
+    evidence: str  # why, in a few words with the file
+    warning: str | None = None  # said once, before the first test, when the choice may not be the app's
+
+
+def url_driver(root: Path, env_names: Sequence[str], environ: Mapping[str, str] | None = None) -> DriverChoice:
+    """The scheme ``{url}`` must carry so that the app keeps its own driver."""
+    environ = os.environ if environ is None else environ
+    urls = existing_urls(root, env_names, environ)
+    if urls:
+        return DriverChoice(urls[0].value, urls[0].source)
+    drivers = declared_drivers(root)
+    names = sorted({e.value for e in drivers})
+    if len(names) == 1:
+        return DriverChoice(DRIVER_SCHEMES[names[0]], drivers[0].source)
+    if len(names) > 1:
+        listed = "; ".join(e.source for e in drivers)
+        return DriverChoice(None, listed, warning=(
+            f"{{url}} carries psycopg 3 (postgresql+psycopg), but this project declares {', '.join(names)} ({listed}) "
+            "and no URL of its own says which the app uses: name it in pgshard_env with {psycopg2_url}, "
+            "{asyncpg_url}, {async_url} or {url}"))
+    return DriverChoice(None, "no driver declared: psycopg 3, pgshard's own")
