@@ -134,6 +134,14 @@ class Admin:
         ).fetchall()
         return [DatabaseInfo(r[0], Marker.parse(r[1]), r[2], r[3], int(r[4]), int(r[5])) for r in rows]
 
+    def others(self) -> set[str]:
+        """The names of the databases on this server outside pgshard's namespace and the maintenance ones."""
+        rows = self.conn.execute(
+            "SELECT datname FROM pg_database WHERE datname NOT LIKE %s "
+            "AND datname NOT IN ('postgres', 'template0', 'template1')", (_like_escape(self.prefix + "_") + "%",),
+        ).fetchall()
+        return {str(r[0]) for r in rows}
+
     def info(self, name: str) -> DatabaseInfo | None:
         found = self.databases(name)
         return found[0] if found else None

@@ -59,6 +59,13 @@ def _section_keys(path: Path, section: str) -> list[str] | None:
         return None
 
 
+def keys_of(inipath: Path | None) -> list[str]:
+    """The option keys of the config file pytest chose (its pytest section)."""
+    if inipath is None:
+        return []
+    return _section_keys(inipath, dict(_CONFIG_FILES).get(inipath.name, "pytest")) or []
+
+
 def _label(path: Path, section: str) -> str:
     return f"{path.name} [{section}]"
 

@@ -170,5 +170,20 @@ def url_driver(root: Path, env_names: Sequence[str], environ: Mapping[str, str] 
         return DriverChoice(None, listed, warning=(
             f"{{url}} carries psycopg 3 (postgresql+psycopg), but this project declares {', '.join(names)} ({listed}) "
             "and no URL of its own says which the app uses: name it in pgshard_env with {psycopg2_url}, "
-            "{asyncpg_url}, {async_url} or {url}"))
+            "{asyncpg_url}, {async_url} or {psycopg_url}"))
     return DriverChoice(None, "no driver declared: psycopg 3, pgshard's own")
+
+
+_WORKER_SUFFIX = re.compile(r"^(?P<stem>.*?)(?P<worker>gw\d+|main|master|\d+)$")
+
+
+def redirect_globs(names: Sequence[str]) -> list[str]:
+    """``pgshard_redirect`` lines for database names a suite makes: per-worker names (``test_db_gw0``,
+    ``test_db_gw1``, ``test_db_main``) become one glob (``test_db_*``), others stay as they are."""
+    lines: list[str] = []
+    for name in sorted(names):
+        match = _WORKER_SUFFIX.match(name)
+        line = f"{match['stem']}*" if match and match["stem"] and match["stem"][-1] in "_-" else name
+        if line not in lines:
+            lines.append(line)
+    return lines

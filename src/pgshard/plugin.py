@@ -157,7 +157,8 @@ def _check_config(config: pytest.Config, settings: Settings) -> None:
     from pgshard import checks
 
     inipath = getattr(config, "inipath", None)
-    checks.unknown_keys(config.inicfg, f"{inipath.name if inipath else 'the ini file'}")
+    if inipath is not None:
+        checks.unknown_keys(checks.keys_of(inipath), inipath.name)
     checks.config_files(inipath)
     roots = [str(config.rootpath), *(str(p) for p in config.getini("pythonpath") or ())]
     for option in checks.TARGETS:

@@ -27,6 +27,7 @@ admin.Admin) is handed in by the run, so the layering stays downward.
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import os
 import re
 import threading
@@ -44,12 +45,25 @@ from pgshard.settings import mask_url
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine
 
-__all__ = ["CHILD_NAMES", "MAINTENANCE_DATABASES", "DatabaseLifecycle", "child_environment", "follow",
-           "from_environment", "handle_ddl", "install", "reset", "retarget"]
+__all__ = [
+    "CHILD_NAMES",
+    "MAINTENANCE_DATABASES",
+    "DatabaseLifecycle",
+    "Names",
+    "child_environment",
+    "follow",
+    "from_environment",
+    "handle_ddl",
+    "install",
+    "is_glob",
+    "reset",
+    "retarget",
+]
 
 MAINTENANCE_DATABASES = frozenset({"postgres", "template1", "template0"})
 _GENERATION = "pgshard_redirect_generation"  # ConnectionPoolEntry.info: made for this target generation
 _REDIRECTED = "pgshard_redirected"  # ConnectionPoolEntry.info: this connection's parameters were rewritten
+_ON = "pgshard_on"  # ConnectionPoolEntry.info: the database a rewritten connection was made to
 _ROUTING_KEYS = ("host", "hostaddr", "port", "user", "password", "service", "passfile", "sslmode", "sslcert",
                  "sslkey", "sslrootcert", "sslcrl", "sslpassword", "ssl", "dsn")
 _DDL = re.compile(r"""^\s*(?P<verb>create|drop)\s+database\s+(?P<if>if\s+exists\s+)?
@@ -66,9 +80,40 @@ class DatabaseLifecycle(Protocol):
         """Drop our database ``name``; False when it does not exist."""
 
 
+class Names:
+    """``pgshard_redirect``'s lines: exact names and shell-style globs (``test_db_*``, ``app_[0-9]``), matched
+    against a whole database name; false when there are none."""
+
+    def __init__(self, lines: Iterable[str] = ()) -> None:
+        lines = [line for line in lines if line]
+        self.exact = frozenset(line for line in lines if not is_glob(line))
+        self.globs = tuple(line for line in lines if is_glob(line))
+        self._pattern = re.compile("|".join(fnmatch.translate(g) for g in self.globs)) if self.globs else None
+
+    def __contains__(self, name: object) -> bool:
+        if not isinstance(name, str):
+            return False
+        return name in self.exact or (self._pattern is not None and self._pattern.match(name) is not None)
+
+    def __bool__(self) -> bool:
+        return bool(self.exact or self.globs)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(sorted(self.exact) + list(self.globs))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Names) and (self.exact, self.globs) == (other.exact, other.globs)
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def is_glob(line: str) -> bool:
+    return any(char in line for char in "*?[")
+
+
 @dataclass
 class _State:
-    names: frozenset[str] = frozenset()
+    names: Names = field(default_factory=Names)
     target: URL | None = None
     generation: int = 0
     servers: set[tuple[str, int]] = field(default_factory=set)  # where redirected URLs pointed
@@ -87,7 +132,7 @@ _state = _State()
 def install(names: Iterable[str], target_url: str) -> None:
     """Process-wide, idempotent: every SQLAlchemy Engine (sync, or an AsyncEngine's sync_engine) whose URL
     names a database in ``names`` connects to ``target_url``'s host/port/user/password/database instead."""
-    wanted = frozenset(name for name in names if name)
+    wanted = Names(names)
     with _state.lock:
         _listen(statements=bool(wanted))
         changed = _state.target is not None and _state.target != make_url(target_url)
@@ -139,7 +184,7 @@ CHILD_NAMES = "PGSHARD_BUILD_REDIRECT"  # the names, for a child process that bu
 
 def child_environment() -> dict[str, str]:
     """What a child process (the template build) needs to redirect the same names: see from_environment."""
-    return {CHILD_NAMES: "\n".join(sorted(_state.names))} if _state.names else {}
+    return {CHILD_NAMES: "\n".join(_state.names)} if _state.names else {}
 
 
 def from_environment(target_url: str, lifecycle: DatabaseLifecycle) -> None:
@@ -158,7 +203,7 @@ def handle_ddl(lifecycle: DatabaseLifecycle | None) -> None:
 def reset() -> None:
     """Forget names, target, followed engines and lifecycle (tests; the listeners stay, and do nothing)."""
     with _state.lock:
-        _state.names = frozenset()
+        _state.names = Names()
         _state.target = None
         _state.generation += 1
         _state.servers.clear()
@@ -224,6 +269,7 @@ def _on_connect(dialect: Any, record: ConnectionPoolEntry | None, cargs: list[An
     if record is not None:
         record.info.pop(_GENERATION, None)
         record.info.pop(_REDIRECTED, None)
+        record.info.pop(_ON, None)
     if target is None or dialect.name != "postgresql":
         return None
     key = _database_key(dialect, cparams)
@@ -252,6 +298,7 @@ def _on_connect(dialect: Any, record: ConnectionPoolEntry | None, cargs: list[An
         params["passfile"] = target.query["passfile"]
     if record is not None:
         record.info[_REDIRECTED] = True
+        record.info[_ON] = database
         if generation is not None:
             record.info[_GENERATION] = generation
     return _connect(dialect, record, list(cargs), params)
@@ -325,13 +372,25 @@ def _raise_sql(sqlstate: str, message: str) -> str:
     return f"DO $pgshard$ BEGIN RAISE EXCEPTION '{text}' USING ERRCODE = '{sqlstate}'; END $pgshard$"
 
 
-def _ddl(verb: str, name: str, if_exists: bool) -> str:
+def _ddl(verb: str, name: str, if_exists: bool, on: str | None) -> str:
+    """The app's CREATE/DROP DATABASE of redirected ``name``, issued on a connection to database ``on``."""
     target = _state.target
     lifecycle = _state.lifecycle
     if target is None or lifecycle is None or not target.database:
         return _raise_sql("55000", f"pgshard: {verb.upper()} DATABASE {name} is redirected by pgshard_redirect, "
                                    "but this process has no database of its own to act on")
     ours = target.database
+    if on == ours:
+        # Issued on a connection to the very database it stands for (a suite whose "maintenance" URL is the
+        # one pgshard_env points at): dropping it would end that connection, and PostgreSQL cannot drop the
+        # database a session is on. The worker's clone, fresh from the template, stands in for the database
+        # the suite drops and creates: both are done, as far as the suite can tell. Only for a database
+        # pgshard made (its ownership comment, checked on the server: this module knows no Admin).
+        refusal = f"pgshard: {ours} (where {name} is redirected) was not created by pgshard: it never acts on it"
+        return ("DO $pgshard$ BEGIN IF left(coalesce(shobj_description((SELECT oid FROM pg_database WHERE datname = "
+                "current_database()), 'pg_database'), ''), 8) <> 'pgshard:' THEN RAISE EXCEPTION '"
+                + refusal.replace("'", "''").replace("%", "").replace("$", "")
+                + "' USING ERRCODE = '55000'; END IF; END $pgshard$")
     try:
         if verb.lower() == "drop":
             done = lifecycle.drop_database(ours)
@@ -357,16 +416,19 @@ def _on_execute(conn: Any, cursor: Any, statement: str, parameters: Any, context
     if ddl is not None:
         name = _identifier(ddl["name"])
         if name in names:  # on any connection: a redirected name is never created or dropped anywhere else
-            return _ddl(ddl["verb"], name, bool(ddl["if"])), parameters
+            on = conn.info.get(_ON) if conn.info.get(_REDIRECTED) else conn.engine.url.database
+            return _ddl(ddl["verb"], name, bool(ddl["if"]), on), parameters
     if "pg_database" in statement and _state.target is not None and conn.info.get(_REDIRECTED):
         statement, parameters = _ask_about_target(statement, parameters, names, _state.target.database or "")
     return statement, parameters
 
 
-def _ask_about_target(statement: str, parameters: Any, names: frozenset[str], ours: str) -> tuple[str, Any]:
+_LITERAL = re.compile(r"'((?:[^']|'')*)'")
+
+
+def _ask_about_target(statement: str, parameters: Any, names: Names, ours: str) -> tuple[str, Any]:
     """``SELECT 1 FROM pg_database WHERE datname='app_test'`` asks about our database instead."""
-    for name in names:
-        statement = statement.replace(f"'{name}'", f"'{ours}'")
+    statement = _LITERAL.sub(lambda m: f"'{ours}'" if m[1] in names else m[0], statement)
     if isinstance(parameters, dict):
         parameters = {k: ours if v in names else v for k, v in parameters.items()}
     elif isinstance(parameters, (list, tuple)) and parameters and not isinstance(parameters[0], (list, tuple, dict)):

@@ -56,6 +56,8 @@ class Run:
     finish_error: str | None = None  # why this worker's clones could not be dropped
     _secrets: list[str] | None = field(default=None, repr=False)
     _url_scheme: str | None = field(default=None, repr=False)  # "" once found to be pgshard's default
+    _others_at_start: set[str] | None = field(default=None, repr=False)  # databases not ours when it began
+    foreign: list[str] = field(default_factory=list)  # databases the suite created on our server meanwhile
     cleans_up: bool = False  # this worker drops the dead runs' databases (its controller left it to gw0)
     _maker: Template | None = field(default=None, repr=False)
     _background: threading.Thread | None = field(default=None, repr=False)  # start_background's work
@@ -334,6 +336,9 @@ class Run:
                                      pool_size=self.settings.commit_pool, admin=admin)
                 self.clone_times = self.clones.times
             self.database = self.clones.worker_database()
+            if self.settings.server == "embedded" and self.settings.eager:  # a server nobody else creates on
+                with contextlib.suppress(Exception):
+                    self._others_at_start = self.clones.admin.others()
         return self.database
 
     # -- the app's CREATE/DROP DATABASE of a redirected name (redirect.DatabaseLifecycle) ---------------
@@ -389,6 +394,9 @@ class Run:
             self.close_admin()
         if self.clones is not None:
             clones, self.clones = self.clones, None
+            if self._others_at_start is not None:
+                with contextlib.suppress(Exception):
+                    self.foreign = sorted(clones.admin.others() - self._others_at_start)
             self.finished.update(clones.created)
             try:
                 self.kept = clones.close(keep=self.settings.keep)
@@ -453,6 +461,7 @@ class Run:
         out["shard_emptied"] = self.shard_emptied
         out["stale_dropped"] = self.stale_dropped  # worker gw0's, when it cleaned up for its controller
         out["notes"] = self.notes
+        out["foreign"] = self.foreign
         return out
 
 
@@ -501,6 +510,13 @@ def summary_lines(server: ServerInfo | None, stats: list[dict[str, Any]], stale:
                      "the next run or `pgshard clean` drops them")
     # once, not once per worker; the controller's own too (a repaired server cache)
     lines += dict.fromkeys([*(notes or []), *(note for s in stats for note in s.get("notes", []))])
+    foreign = sorted({name for s in stats for name in s.get("foreign", [])})
+    if foreign:
+        from pgshard.discover import redirect_globs
+
+        lines.append(f"the suite created {len(foreign)} database(s) of its own on pgshard's server, outside its "
+                     f"clones (left there, unmarked: `pgshard clean` never drops them): {', '.join(foreign)}; "
+                     f"put them on the template's clones with: pgshard_redirect = {' '.join(redirect_globs(foreign))}")
     kept = [url for s in stats for url in s.get("kept", [])]
     if kept:
         lines.append("kept (--pg-keep; drop with `pgshard clean`): " + ", ".join(kept))

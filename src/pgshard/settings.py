@@ -7,6 +7,7 @@ three spellings can never drift apart.
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import os
 import re
 import sys
@@ -66,7 +67,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("engine", None, "PGSHARD_ENGINE", "pgshard_engine", "str", None,
            "The app's engine (sync or async), module:attribute: tests connect through it."),
     Option("redirect", None, "PGSHARD_REDIRECT", "pgshard_redirect", "lines", (),
-           "Database names, one per line: SQLAlchemy engines connecting to one land on this worker's database."),
+           "Database names or shell-style globs (test_db_*), one per line: SQLAlchemy engines connecting to one "
+           "land on this worker's database."),
     Option("base_url", None, "PGSHARD_BASE_URL", "pgshard_base_url", "str", "http://test",
            "Base URL of the client fixtures' requests, e.g. http://test/api for an app mounted under /api."),
     Option("lifespan", None, "PGSHARD_LIFESPAN", "pgshard_lifespan", "bool", True,
@@ -223,10 +225,12 @@ def resolve(
         if values.get(key) is not None:
             path = Path(values[key]).expanduser()
             values[key] = path if path.is_absolute() else rootdir / path
+    ours = ("postgres", "template0", "template1", f"{values['prefix']}_tpl_0", f"{values['prefix']}_0000_gw0")
     for name in values.get("redirect", ()):
-        if name in ("postgres", "template0", "template1") or name.startswith(values["prefix"] + "_"):
-            raise SettingsError(f"pgshard_redirect names the app's own database, not {name!r} (a maintenance "
-                                f"database or one of pgshard's own, {values['prefix']}_...)")
+        if any(fnmatch.fnmatchcase(db, name) for db in ours) or name.startswith(values["prefix"] + "_"):
+            raise SettingsError(f"pgshard_redirect names the app's own databases (a name or a glob such as "
+                                f"test_db_*), not {name!r}: it matches a maintenance database or one of pgshard's "
+                                f"own ({values['prefix']}_...)")
     for line in values.get("env", ()):
         if "=" not in line or not line.split("=", 1)[0].strip():
             raise SettingsError(f"pgshard_env lines look like NAME=template, got {line!r}")
@@ -313,6 +317,7 @@ def placeholders(url: str, password: str | None = None, scheme: str | None = Non
         password = next(iter(passfile_passwords(passfile)), None)
     return {  # {url}: the app's own driver (``scheme``, discover.url_driver), else psycopg 3
         "url": (parsed.set(drivername=scheme) if scheme else parsed).render_as_string(hide_password=False),
+        "psycopg_url": parsed.set(drivername="postgresql+psycopg").render_as_string(hide_password=False),
         "libpq_url": parsed.set(drivername="postgresql").render_as_string(hide_password=False),
         "psycopg2_url": parsed.set(drivername="postgresql+psycopg2").render_as_string(hide_password=False),
         "async_url": parsed.set(drivername="postgresql+psycopg_async").render_as_string(hide_password=False),

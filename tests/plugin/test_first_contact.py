@@ -10,12 +10,13 @@ from __future__ import annotations
 import shutil
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy.engine import make_url
 
 from pgshard.server.base import ServerInfo
-from tests.conftest import secret_of, with_password
+from tests.conftest import databases, secret_of, with_password
 
 PROJECT = Path(__file__).parents[1] / "projects" / "from_parts"
 SUITE_SIZE = 9  # tests in tests/projects/from_parts/tests
@@ -308,3 +309,139 @@ def test_two_declared_drivers_and_no_url_say_once_which_placeholder_keeps_the_ap
     said = [line for line in result.stderr.lines if "carries psycopg 3" in line]
     assert len(said) == 1, result.stderr.str()
     assert "{psycopg2_url}" in said[0] and "pyproject.toml: psycopg2-binary" in said[0]
+
+
+# -- item 4: a suite that makes its own per-worker databases ---------------------------------------------------
+OWN_DATABASES = '''
+import os
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Column, Integer, MetaData, Table, create_engine, text
+from sqlalchemy.engine import make_url
+
+BASE = os.environ["DATABASE_URL"]  # the suite's "maintenance" URL: pgshard_env points it at the worker's database
+NAME = f"test_db_{{os.environ.get('PYTEST_XDIST_WORKER', 'main')}}"
+metadata = MetaData()
+thing = Table("thing", metadata, Column("id", Integer, primary_key=True))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def engine():
+    admin = create_engine(BASE, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f"DROP DATABASE IF EXISTS {{NAME}}"))
+        conn.execute(text(f"CREATE DATABASE {{NAME}}"))
+    engine = create_engine(make_url(BASE).set(database=NAME))
+    metadata.create_all(engine)
+    yield engine
+    engine.dispose()
+    with admin.connect() as conn:
+        conn.execute(text(f"DROP DATABASE IF EXISTS {{NAME}}"))
+    admin.dispose()
+
+
+@pytest.fixture
+def conn(engine):
+    with engine.connect() as conn:
+        with conn.begin():
+            yield conn
+
+
+@pytest.mark.parametrize("n", range(6))
+def test_writes_land_where_pgshard_says(conn, n):
+    conn.execute(thing.insert())
+    database = conn.scalar(text("SELECT current_database()"))
+    with open(Path(os.environ["OWN_DB_LOG"]) / f"{{os.getpid()}}-{{n}}", "w") as fh:
+        fh.write(database)
+    assert conn.scalar(text("SELECT count(*) FROM thing")) >= 1
+'''
+
+
+def _own_databases(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, ini: str) -> Path:
+    log = pytester.path / "ran-on"
+    log.mkdir()
+    monkeypatch.setenv("OWN_DB_LOG", str(log))
+    pytester.makeconftest(OWN_DATABASES.format())
+    pytester.makepyfile(test_own="from conftest import *  # noqa\n")
+    pytester.makeini(f"[pytest]\npgshard_env = DATABASE_URL={{url}}\n{ini}")
+    return log
+
+
+def test_a_suite_creating_test_db_per_worker_lands_on_pgshards_clones_by_a_glob(
+        pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, admin_conn: Any) -> None:
+    log = _own_databases(pytester, monkeypatch, "pgshard_redirect = test_db_*\n")
+    result = pytester.runpytest_subprocess("-p", "no:randomly", "-p", "no:cacheprovider", "-n", "2")
+    result.assert_outcomes(passed=6)
+    ran_on = {path.read_text() for path in log.iterdir()}
+    assert len(list(log.iterdir())) == 6 and len(ran_on) == 2, ran_on  # one clone per worker
+    assert all(name.startswith("pgshard_") and name.endswith(("_gw0", "_gw1")) for name in ran_on), ran_on
+    assert databases(admin_conn, "test_db_%") == []
+    assert not set(databases(admin_conn)) & ran_on  # and pgshard dropped its clones at the end
+    assert "connection was closed" not in result.stdout.str()
+
+
+def test_a_suite_creating_its_own_databases_is_named_in_the_summary_with_the_line_to_add(
+        pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, admin_conn: Any) -> None:
+    log = _own_databases(pytester, monkeypatch, "")
+    conftest = pytester.path / "conftest.py"
+    conftest.write_text(conftest.read_text().replace(  # it keeps its databases, as suites that crash do
+        '    with admin.connect() as conn:\n        conn.execute(text(f"DROP DATABASE IF EXISTS {NAME}"))\n'
+        '    admin.dispose()', "    admin.dispose()"))
+    try:
+        result = pytester.runpytest_subprocess("-p", "no:randomly", "-p", "no:cacheprovider", "-n", "2")
+        result.assert_outcomes(passed=6)
+        assert {path.read_text() for path in log.iterdir()} == {"test_db_gw0", "test_db_gw1"}
+        result.stdout.fnmatch_lines(["*the suite created 2 database(s) of its own on pgshard's server*"
+                                     "test_db_gw0, test_db_gw1; put them on the template's clones with: "
+                                     "pgshard_redirect = test_db_*"])
+    finally:
+        for name in databases(admin_conn, "test_db_%"):
+            admin_conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+
+
+# -- item 7: config mistakes are one line before the first test (exit 4) ---------------------------------------
+@pytest.mark.parametrize(("ini", "line"), [
+    ("[pytest]\npgshard_migrates = sql:schema.sql\n",
+     "*pytest.ini sets pgshard_migrates, which pgshard does not know; did you mean pgshard_migrate?*"),
+    ("[pytest]\npgshard_app = app:ap\npgshard_get_db = app:get_db\n", "*pgshard_app = app:ap: *app.py defines no ap; "
+                                                                       "did you mean app:app?*"),
+    ("[pytest]\npgshard_get_db = nowhere:get_db\n", "*pgshard_get_db = nowhere:get_db: no module nowhere*"),
+])
+def test_a_config_mistake_is_one_line_before_any_test_and_exit_4(pytester: pytest.Pytester, ini: str,
+                                                                  line: str) -> None:
+    pytester.makepyfile(app="raise RuntimeError('imported')\napp = object()\ndef get_db():\n    yield\n",
+                        test_one="def test_one():\n    pass\n")
+    (pytester.path / "schema.sql").write_text("SELECT 1;\n")
+    (pytester.path / "pytest.ini").write_text(ini)
+    result = pytester.runpytest_subprocess("-p", "no:randomly", "-p", "no:cacheprovider", "-n", "2")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([f"ERROR: pgshard: {line.lstrip('*')}"])
+    assert "Traceback" not in result.stdout.str() + result.stderr.str()
+    assert len(result.stderr.lines) < 5, result.stderr.str()
+
+
+def test_pgshard_lines_added_to_pyproject_beside_tox_ini_stop_the_run(pytester: pytest.Pytester) -> None:
+    (pytester.path / "tox.ini").write_text("[pytest]\nfilterwarnings = error\n")
+    (pytester.path / "pyproject.toml").write_text('[tool.pytest.ini_options]\npgshard_migrate = ["sql:s.sql"]\n')
+    (pytester.path / "s.sql").write_text("SELECT 1;\n")
+    pytester.makepyfile(test_one="def test_one():\n    pass\n")
+    result = pytester.runpytest_subprocess("-p", "no:randomly", "-p", "no:cacheprovider")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert ("ERROR: pgshard: pyproject.toml's [tool.pytest.ini_options] holds pgshard's lines and makes pytest "
+            "ignore tox.ini [pytest] (its filterwarnings): put the pgshard lines in tox.ini [pytest]") in result.stderr.str()
+
+
+def test_a_get_db_that_fails_at_import_stops_the_run_after_one_error(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(app="import nonexistent_module_xyz\napp = None\nget_db = None\n", test_many="""
+        import pytest
+
+        @pytest.mark.parametrize("n", range(5))
+        def test_n(n):
+            pass
+    """)
+    pytester.makeini("[pytest]\npgshard_app = app:app\npgshard_get_db = app:get_db\n")
+    result = pytester.runpytest_subprocess("-p", "no:randomly", "-p", "no:cacheprovider")
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["*pgshard_app: cannot import app:app (ModuleNotFoundError: No module named "
+                                 "'nonexistent_module_xyz' at app.py:1)*"])
