@@ -428,8 +428,9 @@ def test_pgshard_lines_added_to_pyproject_beside_tox_ini_stop_the_run(pytester: 
     pytester.makepyfile(test_one="def test_one():\n    pass\n")
     result = pytester.runpytest_subprocess("-p", "no:randomly", "-p", "no:cacheprovider")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
-    assert ("ERROR: pgshard: pyproject.toml's [tool.pytest.ini_options] holds pgshard's lines and makes pytest "
-            "ignore tox.ini [pytest] (its filterwarnings): put the pgshard lines in tox.ini [pytest]") in result.stderr.str()
+    said = ("ERROR: pgshard: pyproject.toml's [tool.pytest.ini_options] holds pgshard's lines and makes pytest "
+            "ignore tox.ini [pytest] (its filterwarnings): put the pgshard lines in tox.ini [pytest]")
+    assert said in result.stderr.str()
 
 
 def test_a_get_db_that_fails_at_import_stops_the_run_after_one_error(pytester: pytest.Pytester) -> None:
