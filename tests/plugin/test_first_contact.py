@@ -321,7 +321,7 @@ from sqlalchemy import Column, Integer, MetaData, Table, create_engine, text
 from sqlalchemy.engine import make_url
 
 BASE = os.environ["DATABASE_URL"]  # the suite's "maintenance" URL: pgshard_env points it at the worker's database
-NAME = f"test_db_{{os.environ.get('PYTEST_XDIST_WORKER', 'main')}}"
+NAME = f"{stem}_{{os.environ.get('PYTEST_XDIST_WORKER', 'main')}}"
 metadata = MetaData()
 thing = Table("thing", metadata, Column("id", Integer, primary_key=True))
 
@@ -358,11 +358,12 @@ def test_writes_land_where_pgshard_says(conn, n):
 '''
 
 
-def _own_databases(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, ini: str) -> Path:
+def _own_databases(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, ini: str, stem: str) -> Path:
+    """A suite that makes ``<stem>_<worker>`` itself (each test its own stem: they may run at once)."""
     log = pytester.path / "ran-on"
     log.mkdir()
     monkeypatch.setenv("OWN_DB_LOG", str(log))
-    pytester.makeconftest(OWN_DATABASES.format())
+    pytester.makeconftest(OWN_DATABASES.format(stem=stem))
     pytester.makepyfile(test_own="from conftest import *  # noqa\n")
     pytester.makeini(f"[pytest]\npgshard_env = DATABASE_URL={{url}}\n{ini}")
     return log
@@ -370,7 +371,7 @@ def _own_databases(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, i
 
 def test_a_suite_creating_test_db_per_worker_lands_on_pgshards_clones_by_a_glob(
         pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, admin_conn: Any) -> None:
-    log = _own_databases(pytester, monkeypatch, "pgshard_redirect = test_db_*\n")
+    log = _own_databases(pytester, monkeypatch, "pgshard_redirect = test_db_*\n", "test_db")
     result = pytester.runpytest_subprocess("-p", "no:randomly", "-p", "no:cacheprovider", "-n", "2")
     result.assert_outcomes(passed=6)
     ran_on = {path.read_text() for path in log.iterdir()}
@@ -383,7 +384,7 @@ def test_a_suite_creating_test_db_per_worker_lands_on_pgshards_clones_by_a_glob(
 
 def test_a_suite_creating_its_own_databases_is_named_in_the_summary_with_the_line_to_add(
         pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, admin_conn: Any) -> None:
-    log = _own_databases(pytester, monkeypatch, "")
+    log = _own_databases(pytester, monkeypatch, "", "own_db")
     conftest = pytester.path / "conftest.py"
     conftest.write_text(conftest.read_text().replace(  # it keeps its databases, as suites that crash do
         '    with admin.connect() as conn:\n        conn.execute(text(f"DROP DATABASE IF EXISTS {NAME}"))\n'
@@ -391,12 +392,12 @@ def test_a_suite_creating_its_own_databases_is_named_in_the_summary_with_the_lin
     try:
         result = pytester.runpytest_subprocess("-p", "no:randomly", "-p", "no:cacheprovider", "-n", "2")
         result.assert_outcomes(passed=6)
-        assert {path.read_text() for path in log.iterdir()} == {"test_db_gw0", "test_db_gw1"}
+        assert {path.read_text() for path in log.iterdir()} == {"own_db_gw0", "own_db_gw1"}
         result.stdout.fnmatch_lines(["*the suite created 2 database(s) of its own on pgshard's server*"
-                                     "test_db_gw0, test_db_gw1; put them on the template's clones with: "
-                                     "pgshard_redirect = test_db_*"])
+                                     "own_db_gw0, own_db_gw1; put them on the template's clones with: "
+                                     "pgshard_redirect = own_db_*"])
     finally:
-        for name in databases(admin_conn, "test_db_%"):
+        for name in databases(admin_conn, "own_db_%"):
             admin_conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
 
 

@@ -130,7 +130,11 @@ def test_duplicate_rolls_back_to_the_savepoint_and_overrides_are_cleared(app_pro
             assert app.get_db in app.app.dependency_overrides
 
         def test_overrides_cleared_and_sessionmaker_restored():
-            assert app.get_db not in app.app.dependency_overrides
+            # the client's override is gone; what remains is pgshard's per-test one (pgshard_app and pgshard_get_db
+            # are set: every request of a test gets its session), which ends with the test too
+            override = app.app.dependency_overrides[app.get_db]
+            assert override.__qualname__.startswith("override_dependency")
+            assert list(app.app.dependency_overrides) == [app.get_db]
             assert app.SessionLocal.kw["bind"] is app.engine
     '''))
     run(app_project).assert_outcomes(passed=2)
