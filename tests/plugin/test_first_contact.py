@@ -447,3 +447,48 @@ def test_a_get_db_that_fails_at_import_stops_the_run_after_one_error(pytester: p
     result.assert_outcomes(errors=1)
     result.stdout.fnmatch_lines(["*pgshard_app: cannot import app:app (ModuleNotFoundError: No module named "
                                  "'nonexistent_module_xyz' at app.py:1)*"])
+
+
+def test_a_suite_client_pgshard_cannot_reach_is_named_once(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(app='''
+        import os
+        from fastapi import Depends, FastAPI
+        from sqlalchemy import text
+        from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
+        from sqlalchemy.pool import NullPool
+
+        engine = create_async_engine(os.environ["DATABASE_URL"], poolclass=NullPool)  # a loop per TestClient
+        SessionLocal = async_sessionmaker(engine)
+        app = FastAPI()
+
+
+        async def get_db():
+            async with SessionLocal() as session:
+                yield session
+
+
+        @app.get("/one")
+        async def one(db=Depends(get_db)):
+            return (await db.execute(text("SELECT 1"))).scalar()
+    ''', test_own='''
+        import pytest
+        from fastapi.testclient import TestClient
+        from app import app
+
+
+        @pytest.fixture
+        def client():
+            with TestClient(app) as c:
+                yield c
+
+
+        @pytest.mark.parametrize("n", range(3))
+        def test_one(client, n):
+            assert client.get("/one").json() == 1
+    ''')
+    pytester.makeini("[pytest]\npythonpath = .\npgshard_env = DATABASE_URL={asyncpg_url}\npgshard_app = app:app\n"
+                     "pgshard_get_db = app:get_db\n")
+    result = pytester.runpytest_subprocess("-p", "no:randomly", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=3)
+    said = [line for line in result.stdout.lines if "the suite's own fixture client" in line]
+    assert len(said) == 1 and "test_own.py" in said[0] and "use pgshard's client fixture" in said[0], said
