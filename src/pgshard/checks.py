@@ -27,7 +27,7 @@ KNOWN_KEYS = frozenset(opt.ini for opt in OPTIONS if opt.ini)
 TARGETS = ("app", "get_db", "sessionmaker", "engine")
 
 # where pytest looks, in its order, and the section each file keeps its options in
-_CONFIG_FILES = (("pytest.ini", "pytest"), (".pytest.ini", "pytest"), ("pyproject.toml", "tool.pytest.ini_options"),
+CONFIG_FILES = (("pytest.ini", "pytest"), (".pytest.ini", "pytest"), ("pyproject.toml", "tool.pytest.ini_options"),
                  ("tox.ini", "pytest"), ("setup.cfg", "tool:pytest"))
 
 
@@ -40,7 +40,7 @@ def unknown_keys(keys: Iterable[str], where: str) -> None:
             raise SettingsError(f"{where} sets {key}, which pgshard does not know{hint}")
 
 
-def _section_keys(path: Path, section: str) -> list[str] | None:
+def section_keys(path: Path, section: str) -> list[str] | None:
     """The keys of ``section`` in a config file; None when it has no such section (or cannot be read)."""
     try:
         if path.suffix == ".toml":
@@ -63,7 +63,7 @@ def keys_of(inipath: Path | None) -> list[str]:
     """The option keys of the config file pytest chose (its pytest section)."""
     if inipath is None:
         return []
-    return _section_keys(inipath, dict(_CONFIG_FILES).get(inipath.name, "pytest")) or []
+    return section_keys(inipath, dict(CONFIG_FILES).get(inipath.name, "pytest")) or []
 
 
 def _label(path: Path, section: str) -> str:
@@ -77,13 +77,13 @@ def config_files(inipath: Path | None) -> None:
     if inipath is None:
         return
     directory, chosen = inipath.parent, inipath.name
-    chosen_section = dict(_CONFIG_FILES).get(chosen, "pytest")
-    chosen_keys = _section_keys(inipath, chosen_section) or []
-    for name, section in _CONFIG_FILES:
+    chosen_section = dict(CONFIG_FILES).get(chosen, "pytest")
+    chosen_keys = section_keys(inipath, chosen_section) or []
+    for name, section in CONFIG_FILES:
         path = directory / name
         if name == chosen or not path.is_file():
             continue
-        keys = _section_keys(path, section)
+        keys = section_keys(path, section)
         if keys is None:
             continue
         ours = sorted(k for k in keys if k.startswith("pgshard_"))

@@ -452,11 +452,62 @@ class _Parser(argparse.ArgumentParser):
         raise CliError(f"{message} (see `{self.prog} --help`)")
 
 
+def cmd_init(args: argparse.Namespace, settings: Settings) -> int:
+    """Read the project (discover.plan), print each line with its evidence, write them into the config
+    file pytest reads. Nothing else is edited: no conftest, no code, no settings."""
+    from pgshard import configfile
+    from pgshard.discover import plan
+
+    root = Path(args.root).resolve()
+    if not root.is_dir():
+        raise CliError(f"{root} is not a directory: run `pgshard init` in the project's root or pass it")
+    found = plan(root)
+    where = f"{found.config.relative_to(root)} [{found.section}]"
+    toml = found.config.suffix == ".toml"
+    rendered = configfile.render(toml, [(line.key, line.values) for line in found.lines])
+    text = found.config.read_text() if found.config.is_file() else ""
+    if not found.lines:
+        for need in found.needs:
+            print(f"pgshard init: {need}", file=sys.stderr)
+        raise CliError(f"nothing to write into {where}: say what the suite needs (above) by hand")
+    try:
+        new = configfile.place(text, toml, found.section, rendered, replace=args.replace)
+    except configfile.ConfigFileError as exc:  # pgshard lines already there: one line, nothing written
+        raise CliError(f"{found.config.name} {exc}") from None
+    print(f"# pgshard init: {'would write' if args.dry_run else 'writing'} into {where}"
+          f"{'' if found.exists else ' (a new section)'}")
+    shown = iter(rendered)
+    for line in found.lines:
+        for _ in range(1 + (len(line.values) if not toml and len(line.values) > 1 else 0)):
+            print(next(shown))
+        for evidence in line.evidence:
+            print(f"    # <- {mask_url(evidence)}")
+    for need in found.needs:
+        print(f"# needs: {need}")
+    if args.dry_run:
+        print("# (--dry-run: nothing written)")
+        return EXIT_OK
+    if new != text:
+        found.config.write_text(new)
+    print(f"# then: pytest -n auto   (correct a guess in {found.config.name}: docs/init.md)")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="pgshard", description="pgshard: inspect and clean the PostgreSQL server your tests use.")
     _common(parser)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     commands.required = True
+
+    init = commands.add_parser("init", help="write pgshard's lines for this project into its pytest config",
+                               description="Reads the project (settings, .env, alembic.ini, prestart scripts, "
+                               "Makefile, CI workflows, compose files, conftests) and writes the pgshard lines it "
+                               "needs into the config file pytest reads, each printed with its evidence. Edits no "
+                               "code, conftest or settings.")
+    init.add_argument("root", nargs="?", default=".", help="the project's root (default: here)")
+    init.add_argument("--dry-run", action="store_true", help="print the lines, write nothing")
+    init.add_argument("--replace", action="store_true", help="replace pgshard lines the file already has")
+    init.set_defaults(func=cmd_init)
 
     status = commands.add_parser("status", help="the server, templates (fingerprint, size, age), clones and owners")
     _common(status)
