@@ -208,7 +208,7 @@ class Plan:
     needs: list[str]  # what it could not decide, and what to add by hand
 
 
-_URL_FIELD = re.compile(r"^(?:[a-z0-9]+_)*(?:database|db|sql|sqlalchemy|postgres|pg|postgresql)(?:_[a-z0-9]+)*_"
+_URL_FIELD = re.compile(r"^(?:[a-z0-9]+_+)*(?:database|db|sql|sqlalchemy|postgres|pg|postgresql)(?:_+[a-z0-9]+)*_+"
                         r"(?:url|uri|dsn)$|^(?:database|db)_?(?:url|uri|dsn)$", re.I)
 _PARTS = {  # placeholder: the field names apps give it
     "host": ("postgres_server", "postgres_host", "db_host", "database_host", "pg_host", "db_server"),
@@ -256,19 +256,21 @@ def _settings_names(root: Path, files: list[Path]) -> tuple[list[Evidence], list
 
     urls: list[Evidence] = []
     parts: list[Evidence] = []
-    classes: dict[str, tuple[str, list[str], Path]] = {}  # settings class -> (env prefix, field names, file)
+    classes: dict[str, tuple[str, str, dict[str, str], Path]] = {}  # settings: prefix, nested delimiter, fields
+    models: dict[str, dict[str, str]] = {}  # every class: its annotated fields and their types
     reads: list[tuple[str, Path]] = []
     for path in files:
         tree = _parse(path)
         if tree is None:
             continue
         for node in ast.walk(tree):
-            if isinstance(node, ast.ClassDef) and any(_name_of(b).endswith(("BaseSettings", "Settings"))
-                                                       for b in node.bases):
-                prefix = _env_prefix(node)
-                fields = [n.target.id for n in node.body if isinstance(n, ast.AnnAssign)
-                          and isinstance(n.target, ast.Name)]
-                classes[node.name] = (prefix, fields, path)
+            if isinstance(node, ast.ClassDef):
+                fields = {n.target.id: _name_of(n.annotation) for n in node.body if isinstance(n, ast.AnnAssign)
+                          and isinstance(n.target, ast.Name)}
+                models[node.name] = fields
+                if any(_name_of(b).endswith(("BaseSettings", "Settings")) for b in node.bases):
+                    classes[node.name] = (_config_value(node, "env_prefix"),
+                                          _config_value(node, "env_nested_delimiter"), fields, path)
             elif isinstance(node, ast.Call) and _name_of(node.func) in ("os.getenv", "getenv", "os.environ.get",
                                                                          "environ.get") and node.args:
                 if isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str):
@@ -277,11 +279,14 @@ def _settings_names(root: Path, files: list[Path]) -> tuple[list[Evidence], list
                 key = node.slice
                 if isinstance(key, ast.Constant) and isinstance(key.value, str):
                     reads.append((key.value, path))
-    for _class_name, (prefix, fields, path) in classes.items():
-        for field_name in fields:
-            env = (prefix + field_name).upper()
-            _classify(env, f"{path.relative_to(root)}: {field_name} (pydantic settings"
-                           f"{', env_prefix ' + repr(prefix) if prefix else ''})", urls, parts)
+    for prefix, delimiter, fields, path in classes.values():
+        how = f"pydantic settings{', env_prefix ' + repr(prefix) if prefix else ''}"
+        for field_name, annotation in fields.items():
+            _classify((prefix + field_name).upper(), f"{path.relative_to(root)}: {field_name} ({how})", urls, parts)
+            for inner in models.get(annotation, {}) if delimiter else {}:  # a nested model: PREFIX_DB__URL
+                env = f"{prefix}{field_name}{delimiter}{inner}".upper()
+                _classify(env, f"{path.relative_to(root)}: {field_name}.{inner} ({how}, env_nested_delimiter "
+                               f"{delimiter!r})", urls, parts)
     for name, path in reads:
         _classify(name, f"{path.relative_to(root)}: reads ${name}", urls, parts)
     for path in [root / ".env", root / ".env.example", root / ".env.test"]:
@@ -309,16 +314,21 @@ def _classify(env: str, source: str, urls: list[Evidence], parts: list[Evidence]
             parts.append(Evidence(f"{placeholder}={env}", source))
 
 
-def _env_prefix(node: Any) -> str:
-    """``env_prefix`` of a pydantic settings class (model_config or an inner Config), else ''."""
+def _config_value(node: Any, key: str) -> str:
+    """A pydantic settings class's ``env_prefix`` or ``env_nested_delimiter`` (model_config or an inner
+    Config), else ''."""
     import ast
 
     for item in ast.walk(node):
-        if isinstance(item, ast.keyword) and item.arg == "env_prefix" and isinstance(item.value, ast.Constant):
+        if isinstance(item, ast.keyword) and item.arg == key and isinstance(item.value, ast.Constant):
             return str(item.value.value)
-        if isinstance(item, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "env_prefix"
+        if isinstance(item, ast.Assign) and any(isinstance(t, ast.Name) and t.id == key
                                                 for t in item.targets) and isinstance(item.value, ast.Constant):
             return str(item.value.value)
+        if isinstance(item, ast.Dict):  # model_config = {"env_prefix": "APP_"}
+            for k, v in zip(item.keys, item.values, strict=False):
+                if isinstance(k, ast.Constant) and k.value == key and isinstance(v, ast.Constant):
+                    return str(v.value)
     return ""
 
 
@@ -391,9 +401,10 @@ def _commands(root: Path) -> list[Evidence]:
     if workflows.is_dir():
         sources += sorted(p for p in workflows.iterdir() if p.suffix in (".yml", ".yaml"))
     found: list[Evidence] = []
-    for path in sources:
-        for line in _lines(path):
-            text = line.strip().lstrip("-").strip().removeprefix("run:").strip().strip("'\"")
+    for path in sources + [p for p in (root / "README.md", root / "CONTRIBUTING.md") if p.is_file()]:
+        for line in _command_lines(path):
+            text = re.sub(r"^[\w-]+:\s*", "", line.strip().lstrip("-").strip())  # a YAML key: run:, command:
+            text = re.sub(r"^(?:ba)?sh -c\s+", "", text).strip("'\"")
             for piece in re.split(r"\s*(?:&&|;|\|\|)\s*", text):
                 piece = piece.strip()
                 if re.match(r"^(?:uv run |poetry run |pipenv run )?(?:python -m )?alembic\b.*\bupgrade\b", piece):
@@ -402,6 +413,24 @@ def _commands(root: Path) -> list[Evidence]:
                         _SEED.search(m[1]) and not _WAIT.search(m[1]):
                     found.append(Evidence(m[1], f"{path.relative_to(root)}: {_clip(piece)}"))
     return found
+
+
+def _command_lines(path: Path) -> list[str]:
+    """The lines that may be commands: every line of a script or config; of a Markdown file, the lines of its
+    fenced code blocks and its inline code spans (`python scripts/seed.py`)."""
+    lines = _lines(path)
+    if path.suffix != ".md":
+        return lines
+    out: list[str] = []
+    fenced = False
+    for line in lines:
+        if line.lstrip().startswith("```"):
+            fenced = not fenced
+        elif fenced:
+            out.append(line)
+        else:
+            out += re.findall(r"`([^`]+)`", line)
+    return out
 
 
 def _seed_command(root: Path, target: str) -> str | None:
