@@ -211,3 +211,15 @@ def test_replacing_keeps_every_other_line_of_the_section() -> None:
     text = '[tool.pytest.ini_options]\ntestpaths = ["t"]\npgshard_env = [\n  "A={url}",\n]\nmarkers = ["x"]\n'
     new = configfile.place(text, True, "tool.pytest.ini_options", ['pgshard_env = ["B={url}"]'], replace=True)
     assert new == '[tool.pytest.ini_options]\ntestpaths = ["t"]\nmarkers = ["x"]\npgshard_env = ["B={url}"]\n'
+
+
+def test_a_database_name_defaulted_from_the_environment_in_a_conftest(tmp_path: Path) -> None:
+    found = plan(tree(tmp_path, {"conftest.py": """
+        import os
+        import pytest
+
+        @pytest.fixture(scope="session")
+        def db_name():
+            return os.environ.get("MYLIB_TEST_DB", "mylib_test")
+    """}))
+    assert lines(found)["pgshard_redirect"] == ["mylib_test"]

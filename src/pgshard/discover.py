@@ -221,6 +221,7 @@ _SEED = re.compile(r"(seed|initial_data|init_db|initdb|populate|fixtures|load_da
 _WAIT = re.compile(r"(pre_start|prestart|wait|healthcheck)", re.I)
 _DDL_TEXT = re.compile(r"\b(?:create|drop)\s+database\s+(?:if\s+(?:not\s+)?exists\s+)?\"?([A-Za-z_][\w$]*|\*)", re.I)
 _UTILS_CALLS = {"create_database", "drop_database", "database_exists"}
+_DB_NAME_VAR = re.compile(r"(?:^|_)(?:DB|DATABASE|DB_?NAME)$", re.I)
 _COMMAND_FILES = ("Makefile", "makefile", "justfile", "tox.ini", "noxfile.py", "docker-compose.yml",
                   "docker-compose.yaml", "compose.yml", "compose.yaml", "docker-compose.test.yml", "Procfile")
 
@@ -467,6 +468,13 @@ def _redirects(root: Path, conftests: list[Path]) -> list[Evidence]:
             if isinstance(node, ast.JoinedStr) and re.search(r"(gw|worker|xdist)", ast.unparse(node), re.I) and \
                     re.fullmatch(r"[a-z_][\w*]*\*[\w*]*", text, re.I) and text.count("*") == 1:
                 found.append(Evidence(text, f"{where}:{node.lineno}: {_clip(ast.unparse(node))} (per worker)"))
+        for node in ast.walk(tree):  # os.environ.get("TEST_DB", "app_test"): the default names the database
+            if isinstance(node, ast.Call) and _name_of(node.func) in ("os.environ.get", "os.getenv", "environ.get",
+                                                                       "getenv") and len(node.args) == 2 and \
+                    all(isinstance(a, ast.Constant) and isinstance(a.value, str) for a in node.args) and \
+                    _DB_NAME_VAR.search(str(node.args[0].value)) and str(node.args[1].value).isidentifier():  # type: ignore[attr-defined]
+                found.append(Evidence(str(node.args[1].value),  # type: ignore[attr-defined]
+                                      f"{where}:{node.lineno}: {_clip(ast.unparse(node))}"))
         for node in ast.walk(tree):
             if isinstance(node, ast.Call) and _name_of(node.func).rsplit(".", 1)[-1] in _UTILS_CALLS:
                 found.append(Evidence("(sqlalchemy-utils)", f"{where}:{node.lineno}: {_clip(ast.unparse(node))}"))
