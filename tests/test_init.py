@@ -223,3 +223,13 @@ def test_a_database_name_defaulted_from_the_environment_in_a_conftest(tmp_path: 
             return os.environ.get("MYLIB_TEST_DB", "mylib_test")
     """}))
     assert lines(found)["pgshard_redirect"] == ["mylib_test"]
+
+
+def test_pytest_9s_native_table_is_the_one_written_into(tmp_path: Path) -> None:
+    tree(tmp_path, {"pyproject.toml": '[tool.pytest]\ntestpaths = ["app"]\nstrict_xfail = true\n',
+                    "db.py": "import os\nos.environ['DATABASE_URL']\n"})
+    assert main(["init", str(tmp_path)]) == 0
+    import tomllib
+
+    table = tomllib.loads((tmp_path / "pyproject.toml").read_text())["tool"]["pytest"]
+    assert table == {"testpaths": ["app"], "strict_xfail": True, "pgshard_env": ["DATABASE_URL={url}"]}

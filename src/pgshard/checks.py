@@ -59,11 +59,21 @@ def section_keys(path: Path, section: str) -> list[str] | None:
         return None
 
 
+def pytest_section(path: Path) -> str:
+    """The section ``path`` keeps pytest's options in: pytest 9 reads pyproject.toml's native ``[tool.pytest]``
+    table (typed values) as well as the older ``[tool.pytest.ini_options]``."""
+    if path.name == "pyproject.toml":
+        native = [k for k in section_keys(path, "tool.pytest") or [] if k != "ini_options"]
+        if native:
+            return "tool.pytest"
+    return dict(CONFIG_FILES).get(path.name, "pytest")
+
+
 def keys_of(inipath: Path | None) -> list[str]:
     """The option keys of the config file pytest chose (its pytest section)."""
     if inipath is None:
         return []
-    return section_keys(inipath, dict(CONFIG_FILES).get(inipath.name, "pytest")) or []
+    return [k for k in section_keys(inipath, pytest_section(inipath)) or [] if k != "ini_options"]
 
 
 def _label(path: Path, section: str) -> str:
@@ -77,12 +87,13 @@ def config_files(inipath: Path | None) -> None:
     if inipath is None:
         return
     directory, chosen = inipath.parent, inipath.name
-    chosen_section = dict(CONFIG_FILES).get(chosen, "pytest")
-    chosen_keys = section_keys(inipath, chosen_section) or []
-    for name, section in CONFIG_FILES:
+    chosen_section = pytest_section(inipath)
+    chosen_keys = keys_of(inipath)
+    for name, _ in CONFIG_FILES:
         path = directory / name
         if name == chosen or not path.is_file():
             continue
+        section = pytest_section(path)
         keys = section_keys(path, section)
         if keys is None:
             continue

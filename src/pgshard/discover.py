@@ -499,10 +499,11 @@ def _text_of(node: Any) -> str | None:
 def config_file(root: Path) -> tuple[Path, str, bool]:
     """The file pytest reads its options from in ``root`` (its order), its section, and whether that section
     exists; without one, pyproject.toml's ``[tool.pytest.ini_options]`` (made by init) or a new pytest.ini."""
-    from pgshard.checks import CONFIG_FILES, section_keys
+    from pgshard.checks import CONFIG_FILES, pytest_section, section_keys
 
-    for name, section in CONFIG_FILES:
+    for name, _ in CONFIG_FILES:
         path = root / name
+        section = pytest_section(path) if path.is_file() else ""
         if path.is_file() and (name in ("pytest.ini", ".pytest.ini") or section_keys(path, section) is not None):
             return path, section, True
     if (root / "pyproject.toml").is_file():
