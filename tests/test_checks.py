@@ -103,3 +103,15 @@ def test_two_declared_drivers_without_a_url_warn_with_the_placeholders(tmp_path:
 
 def test_per_worker_names_become_one_glob() -> None:
     assert redirect_globs(["test_db_gw0", "test_db_gw1", "test_db_main", "app_test"]) == ["app_test", "test_db_*"]
+
+
+@pytest.mark.parametrize("password", ["p@ss:w/rd%40x", "a@b@c", "::", "x/y/z", "100%", "@", "a:b@", "/@:/%"])
+def test_an_unencoded_awkward_password_is_masked_whole(password: str) -> None:
+    """Issue 17 item 3: from the scheme to the last @ of the authority, in a message and alone."""
+    from pgshard.settings import mask_url
+
+    url = f"postgresql+psycopg://app:{password}@db.internal:5432/app?sslmode=disable"
+    for text in (url, f"pgshard: cannot connect to {url}: refused", f"'{url}', and postgresql://u:pw@h/d"):
+        masked = mask_url(text)
+        assert "postgresql+psycopg://app:***@db.internal:5432/app?sslmode=disable" in masked, masked
+        assert not any(part and part in masked.replace("***", "") for part in password.split("@") if len(part) > 2)

@@ -19,7 +19,10 @@ from typing import Any, Literal
 ServerKind = Literal["embedded", "url", "docker"]
 SERVER_KINDS: tuple[ServerKind, ...] = ("embedded", "url", "docker")
 
-_PASSWORD_IN_URL = re.compile(r"(?P<head>[a-z][a-z0-9+.\-]*://[^:/@\s]*:)(?P<pw>[^@\s]*)(?P<tail>@)", re.I)
+# From the scheme to the *last* @ of the authority: an unencoded password may hold @, :, / or % itself
+# (``p@ss:w/rd%40x``), and masking up to its first @ would print the rest. The host after that @ holds no @ or /.
+_PASSWORD_IN_URL = re.compile(r"(?P<head>[a-z][a-z0-9+.\-]*://[^:/@\s]*:)(?P<pw>\S*?)(?P<tail>@)"
+                              r"(?=[^@\s/?#]*(?:[/?#\s'\"),;]|$)(?![^\s]*@[^@\s/?#]*(?:[/?#\s'\"),;]|$)))", re.I)
 _PASSWORD_IN_DSN = re.compile(r"(?P<head>\bpassword\s*=\s*)(?P<pw>'[^']*'|\S+)", re.I)
 
 
