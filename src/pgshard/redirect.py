@@ -365,11 +365,14 @@ def _identifier(raw: str) -> str:
     return raw[1:-1].replace('""', '"') if raw.startswith('"') else raw.lower()
 
 
-def _raise_sql(sqlstate: str, message: str) -> str:
+def _raise_sql(sqlstate: str, message: str, unless: str | None = None) -> str:
     """A statement that fails on the server with PostgreSQL's own kind of error, so the app sees the usual
-    DBAPI exception (wrapped by SQLAlchemy) rather than something raised from inside an event."""
+    DBAPI exception (wrapped by SQLAlchemy) rather than something raised from inside an event; with
+    ``unless`` (an SQL condition), only when that condition is false on the server."""
     text = mask_url(message).replace("'", "''").replace("%", "").replace("$", "")  # no paramstyle/quote clash
-    return f"DO $pgshard$ BEGIN RAISE EXCEPTION '{text}' USING ERRCODE = '{sqlstate}'; END $pgshard$"
+    raise_ = f"RAISE EXCEPTION '{text}' USING ERRCODE = '{sqlstate}';"
+    body = raise_ if unless is None else f"IF NOT ({unless}) THEN {raise_} END IF;"
+    return f"DO $pgshard$ BEGIN {body} END $pgshard$"
 
 
 def _ddl(verb: str, name: str, if_exists: bool, on: str | None) -> str:
@@ -386,11 +389,10 @@ def _ddl(verb: str, name: str, if_exists: bool, on: str | None) -> str:
         # database a session is on. The worker's clone, fresh from the template, stands in for the database
         # the suite drops and creates: both are done, as far as the suite can tell. Only for a database
         # pgshard made (its ownership comment, checked on the server: this module knows no Admin).
-        refusal = f"pgshard: {ours} (where {name} is redirected) was not created by pgshard: it never acts on it"
-        return ("DO $pgshard$ BEGIN IF left(coalesce(shobj_description((SELECT oid FROM pg_database WHERE datname = "
-                "current_database()), 'pg_database'), ''), 8) <> 'pgshard:' THEN RAISE EXCEPTION '"
-                + refusal.replace("'", "''").replace("%", "").replace("$", "")
-                + "' USING ERRCODE = '55000'; END IF; END $pgshard$")
+        marked = ("left(coalesce(shobj_description((SELECT oid FROM pg_database WHERE datname = current_database()), "
+                  "'pg_database'), ''), 8) = 'pgshard:'")
+        return _raise_sql("55000", f"pgshard: {ours} (where {name} is redirected) was not created by pgshard: it "
+                                   "never acts on it", unless=marked)
     try:
         if verb.lower() == "drop":
             done = lifecycle.drop_database(ours)
