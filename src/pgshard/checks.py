@@ -20,6 +20,7 @@ import importlib.util
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 from pgshard.settings import OPTIONS, SettingsError
 
@@ -40,40 +41,55 @@ def unknown_keys(keys: Iterable[str], where: str) -> None:
             raise SettingsError(f"{where} sets {key}, which pgshard does not know{hint}")
 
 
-def section_keys(path: Path, section: str) -> list[str] | None:
-    """The keys of ``section`` in a config file; None when it has no such section (or cannot be read)."""
+def read_config(path: Path) -> dict[str, Any]:
+    """A config file as nested dicts: TOML as tomllib reads it, an ini file as {section: {key: value}}; {} when
+    it cannot be read (a file pytest would reject is pytest's to report)."""
     try:
         if path.suffix == ".toml":
             if sys.version_info >= (3, 11):
                 import tomllib
             else:  # Python 3.10: pytest itself depends on tomli there
                 import tomli as tomllib
-            table: object = tomllib.loads(path.read_text())
-            for part in section.split("."):
-                table = table.get(part) if isinstance(table, dict) else None
-            return list(table) if isinstance(table, dict) else None
+            data: dict[str, Any] = tomllib.loads(path.read_text())
+            return data
         parser = configparser.ConfigParser(interpolation=None)
         parser.read(path)
-        return list(parser[section]) if parser.has_section(section) else None
-    except Exception:  # a file pytest would reject is pytest's to report
-        return None
+        return {name: dict(parser[name]) for name in parser.sections()}
+    except Exception:
+        return {}
+
+
+def _keys(data: dict[str, Any], section: str, toml: bool) -> list[str] | None:
+    table: Any = data
+    for part in section.split(".") if toml else [section]:
+        table = table.get(part) if isinstance(table, dict) else None
+    return [k for k in table if k != "ini_options"] if isinstance(table, dict) else None
+
+
+def _pytest_section(name: str, data: dict[str, Any]) -> str:
+    """pytest 9 reads pyproject.toml's native ``[tool.pytest]`` table (typed values) as well as the older
+    ``[tool.pytest.ini_options]``."""
+    if name == "pyproject.toml" and _keys(data, "tool.pytest", True):
+        return "tool.pytest"
+    return dict(CONFIG_FILES).get(name, "pytest")
+
+
+def section_keys(path: Path, section: str) -> list[str] | None:
+    """The keys of ``section`` in a config file; None when it has no such section (or cannot be read)."""
+    return _keys(read_config(path), section, path.suffix == ".toml")
 
 
 def pytest_section(path: Path) -> str:
-    """The section ``path`` keeps pytest's options in: pytest 9 reads pyproject.toml's native ``[tool.pytest]``
-    table (typed values) as well as the older ``[tool.pytest.ini_options]``."""
-    if path.name == "pyproject.toml":
-        native = [k for k in section_keys(path, "tool.pytest") or [] if k != "ini_options"]
-        if native:
-            return "tool.pytest"
-    return dict(CONFIG_FILES).get(path.name, "pytest")
+    """The section ``path`` keeps pytest's options in."""
+    return _pytest_section(path.name, read_config(path))
 
 
 def keys_of(inipath: Path | None) -> list[str]:
     """The option keys of the config file pytest chose (its pytest section)."""
     if inipath is None:
         return []
-    return [k for k in section_keys(inipath, pytest_section(inipath)) or [] if k != "ini_options"]
+    data = read_config(inipath)
+    return _keys(data, _pytest_section(inipath.name, data), inipath.suffix == ".toml") or []
 
 
 def _label(path: Path, section: str) -> str:
@@ -93,8 +109,9 @@ def config_files(inipath: Path | None) -> None:
         path = directory / name
         if name == chosen or not path.is_file():
             continue
-        section = pytest_section(path)
-        keys = section_keys(path, section)
+        data = read_config(path)  # each file read once
+        section = _pytest_section(name, data)
+        keys = _keys(data, section, path.suffix == ".toml")
         if keys is None:
             continue
         ours = sorted(k for k in keys if k.startswith("pgshard_"))

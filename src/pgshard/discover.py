@@ -74,7 +74,7 @@ def existing_urls(root: Path, env_names: Sequence[str], environ: Mapping[str, st
         value = environ.get(name, "")
         if (scheme := scheme_of(value)) and "passfile=" not in value:  # not one of pgshard's own
             found.append(Evidence(scheme, f"${name} = {_clip(value)}"))
-    for path in [root / ".env", root / ".env.example", root / ".env.test", *walk(root, {".env"}, 2)]:
+    for path in [*walk(root, {".env"}, 2), root / ".env.example", root / ".env.test"]:  # walk finds ./.env too
         for line in _lines(path):
             if (scheme := scheme_of(line)) and "=" in line:
                 found.append(Evidence(scheme, f"{path.relative_to(root)}: {_clip(line)}"))
@@ -109,7 +109,9 @@ def declared_drivers(root: Path) -> list[Evidence]:
 
     pyproject = root / "pyproject.toml"
     if pyproject.is_file():
-        data: Any = _toml(pyproject)
+        from pgshard.checks import read_config
+
+        data: Any = read_config(pyproject)
         project: Any = data.get("project") if isinstance(data.get("project"), dict) else {}
         for requirement in project.get("dependencies") or []:
             add(str(requirement), "pyproject.toml")
@@ -133,20 +135,6 @@ def declared_drivers(root: Path) -> list[Evidence]:
         except configparser.Error:
             pass
     return found
-
-
-def _toml(path: Path) -> dict[str, object]:
-    import sys
-
-    if sys.version_info >= (3, 11):
-        import tomllib
-    else:
-        import tomli as tomllib
-    try:
-        data = tomllib.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 @dataclass(frozen=True)
@@ -251,7 +239,7 @@ def _module_name(root: Path, path: Path) -> str | None:
     return ".".join(parts) if parts and all(p.isidentifier() for p in parts) else None
 
 
-def _settings_names(root: Path, files: list[Path]) -> tuple[list[Evidence], list[Evidence]]:
+def _settings_names(root: Path, trees: Mapping[Path, Any]) -> tuple[list[Evidence], list[Evidence]]:
     """Env var names the project's settings read: (URL names, part names as ``placeholder=NAME``)."""
     import ast
 
@@ -260,8 +248,7 @@ def _settings_names(root: Path, files: list[Path]) -> tuple[list[Evidence], list
     classes: dict[str, tuple[str, str, dict[str, str], Path]] = {}  # settings: prefix, nested delimiter, fields
     models: dict[str, dict[str, str]] = {}  # every class: its annotated fields and their types
     reads: list[tuple[str, Path]] = []
-    for path in files:
-        tree = _parse(path)
+    for path, tree in trees.items():
         if tree is None:
             continue
         for node in ast.walk(tree):
@@ -345,17 +332,16 @@ def _name_of(node: Any) -> str:
     return ""
 
 
-def _objects(root: Path, files: list[Path]) -> dict[str, Evidence]:
+def _objects(root: Path, trees: Mapping[Path, Any]) -> dict[str, Evidence]:
     """``app`` (a FastAPI instance), ``get_db`` (a generator dependency yielding a session), ``sessionmaker``
     and ``engine``, as ``module:attribute`` of the project's own modules (not its tests)."""
     import ast
 
     found: dict[str, Evidence] = {}
-    for path in files:
+    for path, tree in trees.items():
         if "tests" in path.relative_to(root).parts or path.name.startswith(("test_", "conftest")):
             continue
         module = _module_name(root, path)
-        tree = _parse(path)
         if module is None or tree is None:
             continue
         for node in tree.body:
@@ -376,13 +362,12 @@ def _objects(root: Path, files: list[Path]) -> dict[str, Evidence]:
     return found
 
 
-def _own_session_fixture(root: Path, conftests: list[Path]) -> str | None:
+def _own_session_fixture(root: Path, trees: Mapping[Path, Any]) -> str | None:
     """A conftest fixture that opens a session of its own (``Session(engine)``, ``SessionLocal()``) and commits:
     the suite checks through it, so pgshard_app's rolled-back requests would hide their writes from it."""
     import ast
 
-    for path in conftests:
-        tree = _parse(path)
+    for path, tree in trees.items():
         if tree is None:
             continue
         for node in ast.walk(tree):
@@ -446,14 +431,13 @@ def _seed_command(root: Path, target: str) -> str | None:
     return None
 
 
-def _redirects(root: Path, conftests: list[Path]) -> list[Evidence]:
+def _redirects(root: Path, trees: Mapping[Path, Any]) -> list[Evidence]:
     """Database names a suite hard-codes, creates or drops: CREATE/DROP DATABASE text, sqlalchemy-utils
     calls, URLs naming a database, per-worker f-strings (``f"test_{worker_id}"`` becomes ``test_*``)."""
     import ast
 
     found: list[Evidence] = []
-    for path in conftests:
-        tree = _parse(path)
+    for path, tree in trees.items():
         if tree is None:
             continue
         where = str(path.relative_to(root))
@@ -515,8 +499,9 @@ def plan(root: Path) -> Plan:
     """Every pgshard line this project needs, with its evidence; what it cannot decide goes to ``needs``."""
     root = root.resolve()
     config, section, exists = config_file(root)
-    files = _py_files(root)
-    conftests = [p for p in files if p.name == "conftest.py" or (p.name.startswith("test") and "settings" in p.name)]
+    trees = {path: _parse(path) for path in _py_files(root)}  # each module parsed once, for every question
+    conftests = {path: tree for path, tree in trees.items()
+                 if path.name == "conftest.py" or (path.name.startswith("test") and "settings" in path.name)}
     lines: list[Line] = []
     needs: list[str] = []
 
@@ -540,7 +525,7 @@ def plan(root: Path) -> Plan:
         needs.append("no Alembic config nor migration command found: add pgshard_migrate (alembic:, metadata:"
                      "pkg.models:Base, sql:dir/, command:...) unless the suite builds its schema itself")
 
-    urls, parts = _settings_names(root, files)
+    urls, parts = _settings_names(root, trees)
     env: list[str] = []
     env_evidence: list[str] = []
     if urls:
@@ -571,7 +556,7 @@ def plan(root: Path) -> Plan:
         globs = list(dict.fromkeys([*(e.value for e in redirects if "*" in e.value), *globbed]))
         lines.append(Line("pgshard_redirect", globs, [e.source for e in redirects]))
 
-    objects = _objects(root, files)
+    objects = _objects(root, trees)
     own = _own_session_fixture(root, conftests)
     if "app" in objects and "get_db" in objects and own is None:
         for key, kind in (("pgshard_app", "app"), ("pgshard_get_db", "get_db")):
