@@ -72,6 +72,7 @@ class Lifespan:
         self._to_app: asyncio.Queue[dict[str, Any]] | None = None
         self._from_app: asyncio.Queue[dict[str, Any]] | None = None
         self._starting: asyncio.Lock | None = None
+        self._up = False  # startup completed: a failure from now on is the shutdown's
         self.asgi = _WithState(self)
 
     async def startup(self) -> None:
@@ -85,14 +86,16 @@ class Lifespan:
         reply = await self._from_app.get()
         if reply["type"] == "lifespan.startup.failed":
             raise LifespanError(f"the app's lifespan startup failed: {reply.get('message') or '(no message)'}")
+        self._up = True
 
     async def _serve(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         try:
             await self.app(scope, receive, send)
-        except BaseException as exc:  # startup raised: Starlette re-raises after its "failed" message
+        except BaseException as exc:  # Starlette re-raises after its own "failed" message; an app may not send one
             assert self._from_app is not None
             if self._from_app.empty():
-                await send({"type": "lifespan.startup.failed", "message": f"{type(exc).__name__}: {exc}"})
+                phase = "shutdown" if self._up else "startup"
+                await send({"type": f"lifespan.{phase}.failed", "message": f"{type(exc).__name__}: {exc}"})
 
     async def ensure_started(self) -> None:
         """For a client whose loop is the test's own (async_client): start at its first request."""
