@@ -139,15 +139,18 @@ def test_a_password_that_no_longer_opens_the_server_forgets_the_cached_facts(cac
     try:
         assert server.facts_file.exists()
         with psycopg.connect(to_libpq(info.url), autocommit=True) as conn:  # the cluster's password changes
+            conn.execute("CREATE DATABASE kept_through_the_repair")
             conn.execute("ALTER ROLE pgshard PASSWORD 'changed-behind-pgshards-back'")
         with pytest.raises(ServerError, match="password authentication failed"):
             connect(info.url)
         assert not server.facts_file.exists()
         again = EmbeddedServer(cache_dir=cache_dir)  # the next run asks, is refused, and repairs the cache
-        repaired = again.acquire()
-        assert any("does not match the cluster" in note for note in again.notes), again.notes
+        repaired = again.acquire()  # with a new password, not a new cluster: its databases are all there
+        assert any("does not open its cluster; gave the role pgshard a new password" in note
+                   for note in again.notes), again.notes
         with psycopg.connect(to_libpq(repaired.url)) as conn:
-            assert conn.execute("SELECT 1").fetchone() == (1,)
+            assert conn.execute("SELECT count(*) FROM pg_database WHERE datname = 'kept_through_the_repair'"
+                                ).fetchone() == (1,)
         again.release()
     finally:
         server.release()

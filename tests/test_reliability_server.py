@@ -409,9 +409,35 @@ def test_a_missing_pg_control_recreates_the_cluster_with_one_line(
     assert (server.datadir / "global" / "pg_control").is_file()
 
 
+PASSFILE_DAMAGES: dict[str, Callable[[EmbeddedServer], None]] = {
+    "is missing": lambda server: server.passfile.unlink(),
+    "does not open its cluster": lambda server: server.passfile.write_text("*:*:*:pgshard:wrong\n"),
+}
+
+
+@pytest.mark.parametrize("reason", list(PASSFILE_DAMAGES))
+def test_a_lost_passfile_gets_a_new_password_and_every_database_stays(reason: str, cache: Path) -> None:
+    """The cluster itself is sound: a new password for its role, set in a single-user backend, not initdb
+    (which would lose every template and every --pg-keep clone)."""
+    server = EmbeddedServer(cache_dir=cache)
+    info = server.acquire()
+    with psycopg.connect(to_libpq(info.url), autocommit=True) as conn:
+        conn.execute("CREATE DATABASE survives_the_repair")
+    assert server.release() is True
+    PASSFILE_DAMAGES[reason](server)
+    again = EmbeddedServer(cache_dir=cache)
+    info = again.acquire()
+    try:
+        assert len(again.notes) == 1 and reason in again.notes[0] and "new password" in again.notes[0], again.notes
+        with psycopg.connect(to_libpq(info.url)) as conn:
+            assert conn.execute("SELECT datname FROM pg_database WHERE datname = 'survives_the_repair'"
+                                ).fetchone() == ("survives_the_repair",)
+        assert server.passfile.stat().st_mode & 0o777 == 0o600
+    finally:
+        again.release()
+
+
 DAMAGES: dict[str, Callable[[EmbeddedServer], None]] = {
-    "its passfile is missing": lambda server: server.passfile.unlink(),
-    "its passfile does not match the cluster": lambda server: server.passfile.write_text("*:*:*:pgshard:wrong\n"),
     "syntax error in file": lambda server: (server.datadir / "postgresql.conf").open("a").write("not = valid ;;\n"),
     "pg_wal is missing": lambda server: shutil.rmtree(server.datadir / "pg_wal"),
 }

@@ -126,6 +126,8 @@ def server_for(settings: Settings) -> Iterator[Target]:
     embedded = EmbeddedServer(settings.pg_bin, settings.cache_dir, linger=settings.linger)
     was_running = embedded.running_port() is not None
     info = embedded.acquire()
+    for note in embedded.notes:  # a repaired cache, said once
+        print(f"pgshard: {note}", file=sys.stderr)
     try:
         yield Target(info, embedded, not was_running)
     finally:

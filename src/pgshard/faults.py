@@ -10,7 +10,7 @@ Pure logic: no connection, no pytest; ``Run.explain`` adds the server's facts to
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 from pgshard.settings import mask_url
@@ -30,6 +30,20 @@ _RULES: tuple[tuple[str, frozenset[str], tuple[str, ...]], ...] = (
 # Exceptions from these packages speak for the database; another library's "connection refused" does not.
 _DATABASE_MODULES = ("psycopg", "psycopg2", "asyncpg", "sqlalchemy", "pgshard")
 _WRAPPER = re.compile(r"^\([\w.]+\) ")
+
+
+# libpq's variables that reach the app's own connections (pgshard's ignore them: server/base.py own_conninfo),
+# each with the SQLSTATEs and words of the refusal it causes there
+_ENVIRONMENT: tuple[tuple[str, frozenset[str], tuple[str, ...]], ...] = (
+    ("PGPASSWORD", frozenset({"28P01"}), ("password authentication failed",)),
+    ("PGOPTIONS", frozenset({"25006"}), ("read-only transaction", "unrecognized configuration parameter",
+                                         "invalid value for parameter", "invalid command-line argument")),
+    ("PGSSLMODE", frozenset(), ("server does not support ssl", "ssl negotiation", "ssl connection", "sslmode")),
+    ("PGTARGETSESSIONATTRS", frozenset(), ("session is read-only", "hot standby mode", "session is not read-only",
+                                           "target_session_attrs")),
+    ("PGSERVICE", frozenset(), ("definition of service",)),
+    ("PGSSLROOTCERT", frozenset(), ("root certificate",)),
+)
 
 
 @dataclass(frozen=True)
@@ -78,6 +92,23 @@ def classify(exc: BaseException) -> Fault | None:
             for phrase in phrases:
                 if phrase in text:
                     return Fault(kind, _detail(current, phrase.split("\n")[0]))
+    return None
+
+
+def environment(exc: BaseException, environ: Mapping[str, str]) -> str | None:
+    """One line when ``exc`` is the refusal an exported libpq variable causes on the app's connections
+    (pgshard's own connections ignore them, the app's driver does not); None otherwise."""
+    for current in _chain(exc):
+        if not _speaks_for_database(current):
+            continue
+        sqlstate = getattr(current, "sqlstate", None) or getattr(current, "pgcode", None)
+        text = str(current).lower()
+        for name, states, phrases in _ENVIRONMENT:
+            if name in environ and (sqlstate in states or any(phrase in text for phrase in phrases)):
+                shown = "" if name == "PGPASSWORD" else f"={environ[name]}"
+                return (f"pgshard: {name}{shown} is exported, and libpq applies it to the app's connections "
+                        f"({_detail(current, None)}); unset it for the test run (env -u {name} pytest ...): "
+                        "pgshard's own connections ignore it")
     return None
 
 

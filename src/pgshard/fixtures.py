@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import os
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from sqlalchemy import create_engine
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
@@ -31,7 +31,7 @@ from pgshard.sandbox import (
     rebind_class,
     sandbox,
 )
-from pgshard.server.base import ServerError, ServerInfo
+from pgshard.server.base import ServerError, ServerInfo, own_engine
 from pgshard.settings import SettingsError, import_object, temporary_env
 
 if TYPE_CHECKING:  # imported by the fixture that uses it: a run that counts no query loads nothing of it
@@ -54,7 +54,12 @@ def _run(request: pytest.FixtureRequest) -> Run:
 
 def message_of(exc: Exception, config: pytest.Config) -> str:
     """What a run shows for one of pgshard's own errors: its line (a failed build step: with where it was
-    raised, and the build's traceback under --tb=long)."""
+    raised, and the build's traceback under --tb=long); a libpq variable's doing: that variable's line."""
+    from pgshard.faults import environment
+
+    steered = environment(exc, os.environ)
+    if steered is not None:
+        return steered
     if isinstance(exc, MigrationError):
         return f"pgshard: {exc.describe(str(getattr(config.option, 'tbstyle', 'auto')))}"
     return f"pgshard: {exc}"
@@ -105,7 +110,7 @@ def pg_database(request: pytest.FixtureRequest, pg_template: Any) -> Database:
 @pytest.fixture(scope="session")
 def pg_engine(pg_database: Database) -> Iterator[Engine]:
     """One SQLAlchemy engine per worker on its database; disposed before the database is dropped."""
-    engine = create_engine(pg_database.url, pool_size=5, max_overflow=10)
+    engine: Engine = own_engine(pg_database.url, pool_size=5, max_overflow=10)
     yield engine
     engine.dispose()
 
@@ -217,7 +222,6 @@ def _async_engine(request: pytest.FixtureRequest, database: Database) -> Any:
     """The app's async engine, or (when it has none, or pgshard_async_driver names another driver) one of
     ours on the worker's database."""
     from sqlalchemy.engine import make_url
-    from sqlalchemy.ext.asyncio import create_async_engine
     from sqlalchemy.pool import NullPool
 
     engine = request.getfixturevalue("_pgshard_app_engine")
@@ -229,7 +233,7 @@ def _async_engine(request: pytest.FixtureRequest, database: Database) -> Any:
     else:
         url = make_url(database.url)
     url = url.set(drivername=_ASYNC_DRIVERS[settings.async_driver])
-    return create_async_engine(url, poolclass=NullPool)
+    return own_engine(url.render_as_string(hide_password=False), poolclass=NullPool)
 
 
 _SYNC_SIDE = {"client", "db_session"}  # fixtures that reach an async app's connection from outside its loop
@@ -303,7 +307,7 @@ def _pgshard_db_commit(request: pytest.FixtureRequest) -> Iterator[None]:
     request.getfixturevalue("pg_database")
     assert run.clones is not None
     database = _guard(run.clones.take)
-    engine = create_engine(database.url, pool_size=10, max_overflow=20)
+    engine = own_engine(database.url, pool_size=10, max_overflow=20)
     maker = _app_object(request, "sessionmaker")
     request.node.stash[_COMMIT_DB] = (database, engine)
     followed = _follow_app_engines(request, maker)
@@ -314,11 +318,11 @@ def _pgshard_db_commit(request: pytest.FixtureRequest) -> Iterator[None]:
                 pass  # the app's own engine behind its sessionmaker now lands on the clone
             elif maker is not None and is_async_maker(maker):
                 from sqlalchemy.engine import make_url
-                from sqlalchemy.ext.asyncio import create_async_engine
                 from sqlalchemy.pool import NullPool
 
                 url = make_url(database.url).set(drivername=_ASYNC_DRIVERS[run.settings.async_driver])
-                stack.enter_context(rebind(maker, bind=create_async_engine(url, poolclass=NullPool)))
+                bind = own_engine(url.render_as_string(hide_password=False), poolclass=NullPool)
+                stack.enter_context(rebind(maker, bind=bind))
             elif maker is not None:
                 stack.enter_context(rebind(maker, bind=engine))
             yield

@@ -194,10 +194,11 @@ class MetadataMigrator:
         return _sha(*parts)
 
     def apply(self, url: str) -> None:
-        from sqlalchemy import create_engine
         from sqlalchemy.pool import NullPool
 
-        engine = create_engine(url, poolclass=NullPool)
+        from pgshard.server.base import own_engine
+
+        engine = own_engine(url, poolclass=NullPool)
         try:
             self._metadata().create_all(engine)
         finally:
@@ -224,9 +225,9 @@ class SqlMigrator:
     def apply(self, url: str) -> None:
         import psycopg
 
-        from pgshard.server.base import to_libpq
+        from pgshard.server.base import own_connection
 
-        with psycopg.connect(to_libpq(url)) as conn:
+        with own_connection(url, autocommit=False) as conn:
             for file in self.files():
                 try:
                     conn.execute(file.read_text())  # no parameters: several statements per call are fine

@@ -40,7 +40,7 @@ from sqlalchemy import event, exc
 from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.pool import ConnectionPoolEntry, Pool
 
-from pgshard.settings import mask_url
+from pgshard.settings import mask_url, passfile_passwords, url_endpoint
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine
@@ -235,8 +235,8 @@ def _endpoint(params: Mapping[str, Any]) -> tuple[str, int]:
 
 
 def _url_endpoint(url: URL) -> tuple[str, int]:
-    host = url.host or url.query.get("host") or ""
-    return _endpoint({"host": host, "port": url.port})
+    host, port = url_endpoint(url)
+    return _endpoint({"host": host, "port": port})
 
 
 def _database_key(dialect: Any, cparams: Mapping[str, Any]) -> str:
@@ -288,14 +288,22 @@ def _on_connect(dialect: Any, record: ConnectionPoolEntry | None, cargs: list[An
     for name in _ROUTING_KEYS:
         params.pop(name, None)
     params.pop("dbname" if key == "database" else "database", None)
-    host, port = _url_endpoint(target)
-    params.update({"host": host, "port": port, key: database})
+    host, port = url_endpoint(target)
+    params[key] = database
+    params.update({"host": host} if host else {})
+    params.update({"port": port} if port is not None else {})
+    if dialect.driver in ("psycopg", "psycopg2", "psycopg_async"):  # libpq: the target's own routing keys too
+        params.update({name: str(value) for name, value in target.query.items()
+                       if name in _ROUTING_KEYS and name not in ("host", "port") and isinstance(value, str)})
     if target.username is not None:
         params["user"] = target.username
     if target.password is not None:
         params["password"] = str(target.password)
-    elif isinstance(target.query.get("passfile"), str):  # pgshard's URLs name a passfile, never a password
-        params["passfile"] = target.query["passfile"]
+    elif isinstance(passfile := target.query.get("passfile"), str):  # pgshard's URLs name a passfile
+        params["passfile"] = passfile
+        # and its password itself: an exported PGPASSWORD would win over the passfile (reports are scrubbed)
+        for password in passfile_passwords(passfile)[:1]:
+            params["password"] = password
     if record is not None:
         record.info[_REDIRECTED] = True
         record.info[_ON] = database

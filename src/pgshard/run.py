@@ -407,8 +407,12 @@ class Run:
     def explain(self, exc: BaseException) -> str | None:
         """One line for a fault that is not pgshard's own (faults.py), with this server's facts; None for
         an ordinary error. A "died" verdict is checked: a server that still answers did not die."""
-        from pgshard.faults import advice, classify
+        from pgshard.faults import advice, classify, environment
 
+        steered = environment(exc, os.environ)
+        if steered is not None:
+            self.fault = self.fault or steered
+            return steered
         if self.fault is not None and classify(exc) is not None:
             return self.fault
         fault = classify(exc)

@@ -307,6 +307,23 @@ def passfile_passwords(passfile: str) -> list[str]:
     return found
 
 
+def url_endpoint(url: Any) -> tuple[str, int | None]:
+    """Where a SQLAlchemy URL leads: host and port from its authority, else from its query as libpq reads
+    them (``postgresql://u@/db?host=/run/pg&port=5433``: a socket directory; the first of a host list);
+    ("", None) for what only a service file or libpq's defaults know."""
+    def first(key: str) -> str:
+        value = url.query.get(key, "")
+        value = value[0] if isinstance(value, tuple) and value else value
+        return str(value or "").split(",")[0]
+
+    host = url.host or first("host")
+    port = url.port if url.port is not None else first("port")
+    try:
+        return host, int(port) if port else None
+    except ValueError:
+        return host, None
+
+
 def placeholders(url: str, password: str | None = None, scheme: str | None = None) -> dict[str, str]:
     """What a ``pgshard_env`` line may use, for the database at ``url`` (a SQLAlchemy URL). pgshard's URLs
     name a passfile instead of carrying a password; ``{password}`` is the real one all the same (``password``,
@@ -326,8 +343,8 @@ def placeholders(url: str, password: str | None = None, scheme: str | None = Non
         "async_url": parsed.set(drivername="postgresql+psycopg_async").render_as_string(hide_password=False),
         "asyncpg_url": parsed.set(drivername="postgresql+asyncpg").render_as_string(hide_password=False),
         "dbname": parsed.database or "",
-        "host": parsed.host or parsed.query.get("host", "") or "",  # type: ignore[dict-item]
-        "port": str(parsed.port or 5432),
+        "host": url_endpoint(parsed)[0],
+        "port": str(url_endpoint(parsed)[1] or 5432),
         "user": parsed.username or "",
         "password": password if password is not None else str(parsed.password or ""),
         "passfile": passfile if isinstance(passfile, str) else passfile[0],

@@ -7,26 +7,37 @@ through :func:`mask_url` first, so a password never lands in a terminal or a CI 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
 from pgshard.host import UnsafeDirectory, ensure_private_dir
-from pgshard.settings import mask_url, passfile_passwords
+from pgshard.settings import mask_url, passfile_passwords, url_endpoint
 
 if TYPE_CHECKING:  # imported where a connection is made: an xdist controller on a warm server makes none
     import psycopg
 
-__all__ = ["ServerError", "ServerInfo", "connect", "describe", "mask_url", "sqlalchemy_url", "to_libpq",
-           "wait_until_ready", "without_password"]
+__all__ = ["ServerError", "ServerInfo", "connect", "describe", "mask_url", "own_conninfo", "sqlalchemy_url",
+           "to_libpq", "wait_until_ready", "without_password"]
+
+# libpq fills every connection parameter a conninfo leaves unset from its environment (PGPASSWORD, PGHOST,
+# PGOPTIONS, ...): a CI job that exports PGPASSWORD for its psql steps would otherwise log pgshard in with that
+# password instead of its passfile's. pgshard's own connections set each one: an empty value counts as set (the
+# password one then falls through to the passfile, the host one to the default socket, and so on).
+_PINNED = {"host": "", "hostaddr": "", "port": "", "user": "", "dbname": "", "password": "", "options": "",
+           "sslmode": "prefer", "target_session_attrs": "any", "application_name": "pgshard"}
+_SERVICE_LOCK = threading.Lock()
 
 # Refusals that no amount of waiting fixes: wrong password or role, missing database, pg_hba.conf.
 # libpq reports connection-time errors as text only (psycopg leaves ``sqlstate`` unset), so we match the
@@ -83,6 +94,79 @@ def to_libpq(url: str) -> str:
     return f"postgresql://{userinfo}{host}{port}{database}{query}"
 
 
+def own_conninfo(url: str) -> str:
+    """The libpq conninfo of one of pgshard's own connections to ``url``: what the URL says, and every
+    parameter it leaves out set to libpq's default rather than taken from a PG* environment variable."""
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    given = conninfo_to_dict(to_libpq(url))
+    if "service" in given:  # the user's own service file says where and who: empty pins would hide its lines
+        return make_conninfo(to_libpq(url))
+    return make_conninfo(to_libpq(url), **{k: v for k, v in _PINNED.items() if k not in given})
+
+
+def own_connect_args(url: str) -> dict[str, str]:
+    """``connect_args`` for an engine of pgshard's own on ``url`` (the fixtures' engines, a metadata build):
+    the same pins as :func:`own_conninfo` for a libpq driver; for asyncpg, which reads PGPASSWORD before a
+    passfile and takes no empty values, the passfile's password itself (reports are scrubbed of it)."""
+    parsed = make_url(url)
+    if "service" in parsed.query:
+        return {}
+    if parsed.get_driver_name() == "asyncpg":
+        passfile = parsed.query.get("passfile")
+        found = passfile_passwords(passfile) if parsed.password is None and isinstance(passfile, str) else []
+        return {"password": found[0]} if found else {}
+    given = {*parsed.query, *(("password",) if parsed.password is not None else ())}
+    return {k: v for k, v in _PINNED.items() if k not in given and k not in ("host", "port", "user", "dbname")}
+
+
+@contextlib.contextmanager
+def _no_service(url: str) -> Iterator[None]:
+    """PGSERVICE is the one variable a conninfo cannot override (``service=`` names a service too): while one
+    of pgshard's own connections starts, it is hidden, unless the URL names a service itself."""
+    if "PGSERVICE" not in os.environ or "service=" in url:
+        yield
+        return
+    with _SERVICE_LOCK:
+        value = os.environ.pop("PGSERVICE", None)
+        try:
+            yield
+        finally:
+            if value is not None:
+                os.environ["PGSERVICE"] = value
+
+
+def own_engine(url: str, **kwargs: Any) -> Any:
+    """An engine of pgshard's own on ``url`` (sync, or async for an async driver): the same pins as
+    :func:`own_connection`, PGSERVICE hidden while each connection starts."""
+    from sqlalchemy import create_engine, event
+
+    parsed = make_url(url)
+    engine: Any
+    if parsed.get_dialect().is_async:
+        from sqlalchemy.ext.asyncio import create_async_engine
+
+        engine = create_async_engine(parsed, connect_args=own_connect_args(url), **kwargs)
+        sync_engine = engine.sync_engine
+    else:
+        engine = sync_engine = create_engine(parsed, connect_args=own_connect_args(url), **kwargs)
+    if "PGSERVICE" in os.environ:
+        @event.listens_for(sync_engine, "do_connect")
+        def _connect(dialect: Any, record: Any, cargs: Any, cparams: Any) -> Any:
+            with _no_service(url):
+                return dialect.connect(*cargs, **cparams)
+    return engine
+
+
+def own_connection(url: str, *, autocommit: bool = True, timeout: float = 10) -> psycopg.Connection:
+    """A psycopg connection of pgshard's own (no PG* variable steers it); psycopg's errors unchanged."""
+    import psycopg
+
+    conninfo = own_conninfo(url)
+    with _no_service(url):
+        return psycopg.connect(conninfo, autocommit=autocommit, connect_timeout=max(1, int(timeout)))
+
+
 def _one_line(exc: BaseException) -> str:
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     return lines[-1] if lines else type(exc).__name__
@@ -104,13 +188,12 @@ def wait_until_ready(url: str, timeout: float) -> None:
     """
     import psycopg
 
-    libpq_url = to_libpq(url)
     deadline = time.monotonic() + timeout
     delay = 0.02
     last_error = "no connection attempt was made"
     while True:
         try:
-            with psycopg.connect(libpq_url, connect_timeout=2, autocommit=True) as conn:
+            with own_connection(url, timeout=2) as conn:
                 conn.execute("SELECT 1")
             return
         except psycopg.Error as exc:
@@ -169,7 +252,9 @@ def without_password(url: str, cache_dir: Path) -> str:
         ensure_private_dir(directory, 0o700, "pgshard_cache_dir (PGSHARD_CACHE_DIR)")
     except UnsafeDirectory as exc:
         raise ServerError(str(exc)) from None
-    path = directory / hashlib.sha256(f"{parsed.host}:{parsed.port}:{user}".encode()).hexdigest()[:16]
+    host, port = url_endpoint(parsed)
+    service = parsed.query.get("service", "")
+    path = directory / hashlib.sha256(f"{host}:{port}:{service}:{user}".encode()).hexdigest()[:16]
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".passfile")  # 0600, ours; replaced whole, never half-written
     with os.fdopen(fd, "w") as handle:  # any host/port/database: only URLs naming this file reach for it
         handle.write(f"*:*:*:{_pgpass_escape(user) or '*'}:{_pgpass_escape(password)}\n")
@@ -194,12 +279,14 @@ def connect(url: str, *, autocommit: bool = True, timeout: float = 10) -> psycop
     import psycopg
 
     try:
-        return psycopg.connect(to_libpq(url), autocommit=autocommit, connect_timeout=max(1, int(timeout)))
+        return own_connection(url, autocommit=autocommit, timeout=timeout)
     except psycopg.OperationalError as exc:
         reason = " ".join(str(exc).split()) or type(exc).__name__
         if "password authentication failed" in reason:
             forget_facts(url)
         raise ServerError(f"cannot connect to PostgreSQL at {url}: {reason}") from None
+    except psycopg.ProgrammingError as exc:  # a parameter libpq does not know
+        raise ServerError(f"cannot connect to PostgreSQL at {url}: {exc}") from None
 
 
 FACTS_FILE = "facts.json"  # the embedded server's version and fsync, beside its passfile

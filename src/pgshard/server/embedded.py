@@ -217,17 +217,20 @@ class EmbeddedServer:
         return self.cluster.running_port()
 
     # -- processes -----------------------------------------------------------------------------
-    def _run(self, args: Sequence[str], *, detach: bool = False, timeout: float = 120) -> str:
+    def _run(self, args: Sequence[str], *, detach: bool = False, timeout: float = 120, stdin: str = "") -> str:
         """Run a server binary, as the unprivileged account when we are root; output to a temp file
-        (pg_ctl's postmaster inherits our descriptors, so pipes could hang us)."""
+        (pg_ctl's postmaster inherits our descriptors, so pipes could hang us); ``stdin`` fed from a
+        temp file too (a single-user backend's commands: never on a command line)."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
         env.update(LC_ALL="C", LANG="C", TZ="UTC")
-        with tempfile.TemporaryFile("w+") as out:
+        with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as given:
+            given.write(stdin)
+            given.seek(0)
             kwargs: dict[str, object] = {}
             if self.run_as:
                 kwargs.update(user=self.run_as.uid, group=self.run_as.gid, extra_groups=[])
                 env["HOME"] = str(self.home)
-            proc = subprocess.run(list(args), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            proc = subprocess.run(list(args), stdout=out, stderr=subprocess.STDOUT, stdin=given,
                                   env=env, cwd=str(self.home), timeout=timeout, start_new_session=detach,
                                   check=False, **kwargs)  # type: ignore[call-overload]
             out.seek(0)
@@ -379,6 +382,19 @@ class EmbeddedServer:
         self.stop()
         self._initdb()
 
+    def _new_password(self, reason: str) -> None:
+        """The cluster is sound but its passfile is gone or opens it no more (a password changed in place, a
+        passfile of another cluster): give the role a new password in a single-user backend, the server
+        stopped, and write the passfile anew. Templates and kept clones stay; nothing is re-created."""
+        self.notes.append(f"the embedded server's passfile {self.passfile} {reason}; gave the role {SUPERUSER} "
+                          "a new password (its databases are unchanged)")
+        self.stop()
+        password = secrets.token_urlsafe(24)  # URL-safe: no quote to escape in the statement
+        self._run([str(self.bindir / "postgres"), "--single", "-D", str(self.datadir), "-c", "log_min_messages=fatal",
+                   "postgres"], stdin=f"ALTER ROLE {SUPERUSER} PASSWORD '{password}'\n")
+        self._write_private(self.passfile, f"*:*:*:{SUPERUSER}:{password}\n")
+        self.facts_file.unlink(missing_ok=True)
+
     def _ensure_running(self) -> int:
         port = self.running_port()
         if port is not None:
@@ -402,8 +418,10 @@ class EmbeddedServer:
         self.leases.mkdir(exist_ok=True)
         self._prepare_binaries()
         if not self._initialised():
-            if (self.datadir / "PG_VERSION").is_file():
-                self._repair("its passfile is missing")
+            if (self.datadir / "PG_VERSION").is_file() and not self._damage():
+                self._new_password("is missing")
+            elif (self.datadir / "PG_VERSION").is_file():
+                self._repair(str(self._damage()))
             else:
                 self._initdb()
         return self._ensure_running()
@@ -430,10 +448,10 @@ class EmbeddedServer:
                 self.release()
                 if attempt == 2 or "password authentication failed" not in str(exc):
                     raise
-                with self._locked():  # the passfile does not match the cluster: both are our cache
+                with self._locked():  # our own postmaster refused our own passfile (no PG* variable steers it)
                     if self._other_users():
                         raise
-                    self._repair("its passfile does not match the cluster")
+                    self._new_password("does not open its cluster")
         raise AssertionError("unreachable")
 
     def _facts(self, port: int) -> ServerInfo:

@@ -6,10 +6,27 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pgshard.server.base import ServerError, ServerInfo, describe, sqlalchemy_url, without_password
+from pgshard.server.base import (
+    ServerError,
+    ServerInfo,
+    describe,
+    mask_url,
+    sqlalchemy_url,
+    to_libpq,
+    without_password,
+)
 
 
 def external_server(url: str, cache_dir: Path) -> ServerInfo:
+    import psycopg
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        conninfo_to_dict(to_libpq(url))
+    except psycopg.ProgrammingError as exc:  # ?pgbouncer=true, a typo: libpq takes its own parameters only
+        raise ServerError(f"--pg-url (or PGSHARD_URL) {mask_url(url)}: {str(exc).strip()}; remove it from the URL (libpq's "
+                          "connection parameters: https://www.postgresql.org/docs/current/libpq-connect.html"
+                          "#LIBPQ-PARAMKEYWORDS)") from None
     try:
         return describe(sqlalchemy_url(without_password(url, cache_dir), database="postgres"), "url (--pg-url)")
     except ServerError as exc:
