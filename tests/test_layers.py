@@ -17,6 +17,7 @@ from sqlalchemy.pool import NullPool
 
 from pgshard.admin import Admin, Marker, NotOurs
 from pgshard.clones import Clones, clone_strategy, drop_stale, stale_databases
+from pgshard.host import host_identity, process_identity
 from pgshard.migrate import MigrationError, parse_migrators
 from pgshard.queries import QueryCounter
 from pgshard.sandbox import rebind, sandbox
@@ -164,8 +165,62 @@ def test_stale_clones_of_dead_runs_are_dropped_live_and_kept_ones_stay(admin: Ad
     admin.create(f"{prefix}_new_elsewhere", Marker("clone", "y", host="other-host"))
     admin.create(f"{prefix}_kept", Marker("kept", "z", pid=2**22 + 12345))
     assert sorted(stale_databases(admin, ttl_hours=24)) == [f"{prefix}_dead_gw0", f"{prefix}_old_elsewhere"]
-    assert sorted(drop_stale(admin, ttl_hours=24)) == [f"{prefix}_dead_gw0", f"{prefix}_old_elsewhere"]
+    assert sorted(drop_stale(admin, ttl_hours=24).dropped) == [f"{prefix}_dead_gw0", f"{prefix}_old_elsewhere"]
     assert {db.name for db in admin.databases()} == {f"{prefix}_live_gw0", f"{prefix}_new_elsewhere", f"{prefix}_kept"}
+
+
+def test_another_hosts_old_database_with_a_live_session_is_kept_and_said(admin: Admin, prefix: str,
+                                                                        pg_server: ServerInfo) -> None:
+    """Issue 17 item 4: another host's clock may be days off, or its run may last over a day: past the TTL
+    is no proof of death there, a live session is proof of life, and the DROP (no FORCE) ends no session."""
+    name = f"{prefix}_old_elsewhere_gw0"
+    admin.create(name, Marker("clone", "x", host="other-host", started=0.0))
+    with psycopg.connect(to_libpq(database_url(pg_server.url, name)), autocommit=True) as live:
+        done = drop_stale(admin, ttl_hours=24)
+        assert done.live == [name] and name not in done.dropped
+        assert live.execute("SELECT current_database()").fetchone() == (name,)  # that run's session lives on
+    assert drop_stale(admin, ttl_hours=24).dropped == [name]  # its session gone, it is stale like any other
+    assert not admin.exists(name)
+
+
+KILLED_BETWEEN_CREATE_AND_COMMENT = """
+import os, signal, sys
+from pathlib import Path
+from pgshard.admin import Admin, Marker
+admin = Admin(sys.argv[1], sys.argv[2], Path(sys.argv[3]))
+admin.mark = lambda name, marker: os.kill(os.getpid(), signal.SIGKILL)  # the kill lands right after CREATE
+admin.create(sys.argv[2] + "_deadrun_gw0", Marker("clone", "deadrun"))
+"""
+
+
+def test_a_database_left_unmarked_by_a_kill_between_create_and_comment_is_dropped(
+        prefix: str, pg_server: ServerInfo, admin_conn: psycopg.Connection, tmp_path: Path) -> None:
+    """Issue 17 item 7: the note written before CREATE names the database and its creator; a dead creator's
+    unmarked database is claimed and dropped. Unmarked ones with no note, or a live creator's, are not."""
+    import signal
+    import subprocess
+    import sys
+
+    intents = tmp_path / "creating"
+    child = subprocess.run([sys.executable, "-c", KILLED_BETWEEN_CREATE_AND_COMMENT, pg_server.url, prefix,
+                            str(intents)], capture_output=True, timeout=120, check=False)
+    assert child.returncode == -signal.SIGKILL, child.stderr
+    left = f"{prefix}_deadrun_gw0"
+    with Admin(pg_server.url, prefix, intents) as admin:
+        info = admin.info(left)
+        assert info is not None and info.marker is None  # what a kill leaves: ours, but no marker says so
+        admin_conn.execute(f'CREATE DATABASE "{prefix}_someone_elses"')  # unmarked, never noted by pgshard
+        (intents / f"{prefix}_being_made").write_text(f"{host_identity()} {process_identity()}\n")  # alive
+        admin_conn.execute(f'CREATE DATABASE "{prefix}_being_made"')
+        try:
+            assert admin.abandoned() == [left]
+            assert not admin.exists(left) and not (intents / left).exists()
+            assert admin.exists(f"{prefix}_someone_elses") and admin.exists(f"{prefix}_being_made")
+            assert admin.info(f"{prefix}_someone_elses").marker is None  # type: ignore[union-attr]
+            assert drop_stale(admin, ttl_hours=24).dropped == []  # nothing else is claimed at a run's start
+        finally:
+            admin_conn.execute(f'DROP DATABASE "{prefix}_someone_elses"')
+            admin_conn.execute(f'DROP DATABASE "{prefix}_being_made"')
 
 
 def test_commit_pool_hands_out_fresh_distinct_clones(admin: Admin, pg_server: ServerInfo, tmp_path: Path) -> None:
@@ -367,7 +422,7 @@ def test_a_warm_start_opens_one_admin_connection_for_stale_cleanup_template_and_
     monkeypatch.setattr(admin_module, "connect", lambda url, **kw: opened.append(1) or real_connect(url, **kw))
     run = Run(settings, "warm0001", "main", server=pg_server)
     try:
-        run.stale_dropped = drop_stale(run._admin(), settings.stale_ttl_hours)  # as start_server does
+        run.stale_dropped = drop_stale(run._admin(), settings.stale_ttl_hours).dropped  # as start_server does
         assert not run.ensure_template().built
         database = run.worker_database()
         assert database.name in {db.name for db in run.clones.admin.databases()}  # type: ignore[union-attr]

@@ -65,7 +65,7 @@ def test_a_prefix_claims_only_prefix_underscore_names(pg_server: ServerInfo, cle
         cleanup.drop(lookalike)
     with pytest.raises(ValueError, match="prefix"):
         cleanup.create(f"{prefix}ed_new", Marker("clone"))
-    assert drop_stale(cleanup, ttl_hours=0) == [ours]
+    assert drop_stale(cleanup, ttl_hours=0).dropped == [ours]
 
     monkeypatch.chdir(tmp_path)
     assert main(["clean", "--all", "--pg-url", pg_server.url, "--prefix", prefix]) == 0

@@ -15,13 +15,15 @@ import re
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pgshard.host import host_identity
+from pgshard.host import host_identity, identity_alive, process_identity
 from pgshard.server.base import ServerError, connect
 
 if TYPE_CHECKING:  # psycopg is imported where a connection is made: an xdist controller needs none
     import psycopg
+    from psycopg import sql
 
 MARKER_PREFIX = "pgshard:"
 _NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
@@ -81,13 +83,32 @@ def lock_key(text: str) -> int:
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big", signed=True)
 
 
-class Admin:
-    """Admin work over one autocommit connection to the maintenance database."""
+def intents_dir(cache_dir: Path, url: str) -> Path:
+    """Where this machine notes, per server, the databases it is creating: CREATE DATABASE and the COMMENT
+    that marks it ours are two statements, and a kill between them leaves a database no marker claims."""
+    from sqlalchemy.engine import make_url
 
-    def __init__(self, url: str, prefix: str) -> None:
+    from pgshard.settings import url_endpoint
+
+    parsed = make_url(url)
+    host, port = url_endpoint(parsed)
+    key = hashlib.sha256(f"{host}:{port}:{parsed.query.get('service', '')}".encode()).hexdigest()[:12]
+    return cache_dir / "creating" / key
+
+
+class Admin:
+    """Admin work over one autocommit connection to the maintenance database. ``intents``: the directory
+    (intents_dir) where each CREATE is noted until its marker is written; None notes nothing."""
+
+    def __init__(self, url: str, prefix: str, intents: Path | None = None) -> None:
         self.url = url
         self.prefix = prefix
+        self.intents = intents
         self._conn: psycopg.Connection | None = None
+
+    def sibling(self) -> Admin:
+        """Another connection to the same server, noting its creations in the same place."""
+        return Admin(self.url, self.prefix, self.intents)
 
     @property
     def conn(self) -> psycopg.Connection:
@@ -169,7 +190,7 @@ class Admin:
         check_name(name)
         if not self.in_namespace(name):
             raise ValueError(f"database name {name} must start with the prefix {self.prefix}_")
-        from psycopg import errors, sql
+        from psycopg import sql
 
         query = sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name))
         if template:
@@ -177,6 +198,61 @@ class Admin:
             if strategy:
                 query += sql.SQL(" STRATEGY {}").format(sql.SQL(strategy))
         started = time.perf_counter()
+        intent = self._intend(name)
+        try:
+            self._create(query, template)
+        except BaseException:
+            if intent is not None:
+                intent.unlink(missing_ok=True)
+            raise
+        try:
+            self.mark(name, marker)
+        except BaseException:  # the database exists unmarked: the note stays for abandoned() to find
+            intent = None
+            raise
+        finally:
+            if intent is not None:
+                intent.unlink(missing_ok=True)
+        return time.perf_counter() - started
+
+    def _intend(self, name: str) -> Path | None:
+        if self.intents is None:
+            return None
+        try:
+            self.intents.mkdir(parents=True, exist_ok=True)
+            path = self.intents / name
+            path.write_text(f"{host_identity()} {process_identity()}\n")
+        except OSError:  # a cache dir that cannot be written: the marker still comes a moment later
+            return None
+        return path
+
+    def abandoned(self) -> list[str]:
+        """Drop the databases that a process of this machine created and was killed before it could mark
+        (its note names it and the process is gone), after marking them: a database is claimed only on
+        that proof, never because its name looks like ours. Returns their names."""
+        if self.intents is None or not self.intents.is_dir():
+            return []
+        dropped = []
+        for path in sorted(self.intents.iterdir()):
+            try:
+                host, identity = path.read_text().split()
+            except (OSError, ValueError):
+                continue
+            if host != host_identity() or identity_alive(identity):
+                continue
+            name = path.name
+            with contextlib.suppress(Exception):
+                found = self.info(name) if _NAME.match(name) and self.in_namespace(name) else None
+                if found is not None and found.marker is None:
+                    self.mark(name, Marker("clone", "abandoned", pid=int(identity.split(":")[0])))
+                    if self.drop(name, force=True):
+                        dropped.append(name)
+                path.unlink(missing_ok=True)
+        return dropped
+
+    def _create(self, query: sql.Composed, template: str | None) -> None:
+        from psycopg import errors
+
         try:
             self.conn.execute(query)
         except errors.ObjectInUse as exc:
@@ -193,8 +269,6 @@ class Admin:
             raise ServerError(f"template {template} is damaged ({exc.diag.message_primary or exc}): rebuild it with "
                               "--pg-rebuild, or on the embedded server remove its whole cache with "
                               "`pgshard clean --server`") from None
-        self.mark(name, marker)
-        return time.perf_counter() - started
 
     def files_missing(self, name: str) -> bool:
         """Whether the database's directory is gone from the data directory (a damaged cache: cloning it

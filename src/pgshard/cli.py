@@ -24,9 +24,9 @@ from typing import Any, cast
 
 import psycopg
 
-from pgshard.admin import Admin, DatabaseInfo, NotOurs
+from pgshard.admin import Admin, DatabaseInfo, NotOurs, intents_dir
 from pgshard.clones import stale_databases
-from pgshard.host import host_identity, pid_alive
+from pgshard.host import default_cache_dir, host_identity, pid_alive
 from pgshard.server import ServerLease, acquire
 from pgshard.server.base import ServerError, ServerInfo
 from pgshard.server.embedded import EmbeddedServer
@@ -334,16 +334,25 @@ def cmd_clean_server(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_OK
 
 
+def _marker_host(entry: Entry) -> str | None:
+    return entry.db.marker.host if entry.db.marker is not None else None
+
+
 def cmd_clean(args: argparse.Namespace, settings: Settings) -> int:
     if args.server:
         return cmd_clean_server(args, settings)
-    with server_for(settings) as target, Admin(target.info.url, settings.prefix) as admin:
+    with server_for(settings) as target, Admin(target.info.url, settings.prefix,
+                                               intents_dir(settings.cache_dir or default_cache_dir(),
+                                                           target.info.url)) as admin:
         entries = survey(admin, settings.stale_ttl_hours)
         if args.all:
             drop, skip = plan_all(entries)
             what = "pgshard database(s)"
-        else:  # exactly what a run drops at its start
-            drop, skip = [e for e in entries if e.stale], []
+        else:  # exactly what a run drops at its start: another host's, past the TTL, only without sessions
+            host = host_identity()
+            drop = [e for e in entries if e.stale and (not e.db.connections or _marker_host(e) == host)]
+            skip = [(e, f"another host's, past the TTL, but {e.db.connections} open connection(s): a live run")
+                    for e in entries if e.stale and e not in drop]
             what = (f"stale database(s) (dead runs on this host, other hosts' older than "
                     f"{settings.stale_ttl_hours} h)")
         verb = "would drop" if args.dry_run else "dropped"
@@ -360,6 +369,10 @@ def cmd_clean(args: argparse.Namespace, settings: Settings) -> int:
                     continue
             dropped.append(entry.db.name)
             print(f"  {verb} {entry.db.name} ({_describe(entry)})")
+        if not args.dry_run:
+            for name in admin.abandoned():
+                dropped.append(name)
+                print(f"  {verb} {name} (unmarked: its creator on this host was killed before marking it)")
         for entry, why in skip:
             print(f"  kept {entry.db.name}: {why}")
         summary = f"{verb} {len(dropped)} {what} on {target.info.masked_url}"

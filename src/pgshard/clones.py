@@ -12,7 +12,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from pgshard.admin import Admin, Marker
+from pgshard.admin import Admin, DatabaseInfo, Marker
 from pgshard.host import host_identity, pid_alive
 from pgshard.server.base import ServerError, ServerInfo
 from pgshard.settings import mask_url
@@ -135,7 +135,7 @@ class Clones:
             self._thread.start()
 
     def _pool_loop(self) -> None:
-        admin = Admin(self.admin.url, self.prefix)
+        admin = self.admin.sibling()
         try:
             while not self._stop.is_set():
                 worked = False
@@ -207,9 +207,7 @@ class Clones:
         return kept
 
 
-def stale_databases(admin: Admin, ttl_hours: float, now: float | None = None) -> list[str]:
-    """Clones and half-built templates whose creator is gone: a dead pid on this host, or older than
-    the TTL on another host. Templates and kept clones are never stale; unmarked databases never ours."""
+def _stale(admin: Admin, ttl_hours: float, now: float | None = None) -> list[DatabaseInfo]:
     now = time.time() if now is None else now
     host = host_identity()
     stale = []
@@ -219,16 +217,42 @@ def stale_databases(admin: Admin, ttl_hours: float, now: float | None = None) ->
             continue
         if marker.host == host:
             if not pid_alive(marker.pid):
-                stale.append(db.name)
+                stale.append(db)
         elif now - marker.started > ttl_hours * 3600:
-            stale.append(db.name)
+            stale.append(db)
     return stale
 
 
-def drop_stale(admin: Admin, ttl_hours: float) -> list[str]:
-    dropped = []
-    for name in stale_databases(admin, ttl_hours):
-        with contextlib.suppress(Exception):
-            if admin.drop(name, force=True):
-                dropped.append(name)
-    return dropped
+def stale_databases(admin: Admin, ttl_hours: float, now: float | None = None) -> list[str]:
+    """Clones and half-built templates whose creator is gone: a dead pid on this host, or older than
+    the TTL on another host. Templates and kept clones are never stale; unmarked databases never ours."""
+    return [db.name for db in _stale(admin, ttl_hours, now)]
+
+
+@dataclass
+class Cleanup:
+    """What a run's start did about dead runs' databases."""
+
+    dropped: list[str] = field(default_factory=list)
+    live: list[str] = field(default_factory=list)  # another host's, past the TTL, yet with sessions: kept
+
+
+def drop_stale(admin: Admin, ttl_hours: float) -> Cleanup:
+    """Drop the dead runs' databases. Only this host can prove its runs dead (their pids): another host's
+    database past the TTL may still be in use (a clock skew, a clock jump, a run of over a day), so it is
+    dropped only without sessions, and the server judges that in the DROP itself (no FORCE: a session that
+    connects in between makes the DROP fail, never ends)."""
+    from psycopg import errors
+
+    done = Cleanup(dropped=admin.abandoned())
+    host = host_identity()
+    for db in _stale(admin, ttl_hours):
+        here = db.marker is not None and db.marker.host == host
+        try:
+            if admin.drop(db.name, force=here):
+                done.dropped.append(db.name)
+        except errors.ObjectInUse:
+            done.live.append(db.name)
+        except Exception:  # gone meanwhile, no right to drop it: the next run, or `pgshard clean`, sees it again
+            continue
+    return done

@@ -19,7 +19,7 @@ from typing import Any
 
 from sqlalchemy.engine import make_url
 
-from pgshard.admin import Admin
+from pgshard.admin import Admin, intents_dir
 from pgshard.clones import Clones, CloneTimes, Database, drop_stale, worker_database_name
 from pgshard.host import default_cache_dir
 from pgshard.migrate import Migrator, blind_commands, hash_globs, parse_migrators
@@ -89,7 +89,12 @@ class Run:
         return self.server
 
     def _drop_stale(self) -> None:
-        self.stale_dropped = drop_stale(self._admin(), self.settings.stale_ttl_hours)
+        done = drop_stale(self._admin(), self.settings.stale_ttl_hours)
+        self.stale_dropped = done.dropped
+        if done.live:
+            self.notes.append(f"kept {len(done.live)} database(s) of runs on other hosts, older than "
+                              f"pgshard_stale_ttl_hours ({self.settings.stale_ttl_hours:g} h), that still have "
+                              f"live sessions: {', '.join(done.live)}")
 
     def start_background(self, *, clone: bool) -> None:
         """Start-up work that nothing needs before the first test, done in a thread while pytest imports the
@@ -183,7 +188,8 @@ class Run:
         each: a connection costs a server backend's start, which a warm run would otherwise pay three times."""
         assert self.server is not None
         if self.admin is None:
-            self.admin = Admin(self.server.url, self.settings.prefix)
+            cache = self.settings.cache_dir or default_cache_dir()
+            self.admin = Admin(self.server.url, self.settings.prefix, intents_dir(cache, self.server.url))
         return self.admin
 
     def close_admin(self) -> None:
@@ -330,7 +336,7 @@ class Run:
             template = self._ensure_template()
             assert self.server is not None and template is not None
             if self.clones is None:  # (a clone that failed in the background is made again on the same Clones)
-                admin, self.admin = self.admin, None  # the start-up connection goes on serving the clones
+                admin, self.admin = self._admin(), None  # the start-up connection goes on serving the clones
                 self.clones = Clones(self.server.url, self.server, template.name, prefix=self.settings.prefix,
                                      run_id=self.run_id, worker_id=self.worker_id,
                                      pool_size=self.settings.commit_pool, admin=admin)

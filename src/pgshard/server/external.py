@@ -24,7 +24,8 @@ def external_server(url: str, cache_dir: Path) -> ServerInfo:
     try:
         conninfo_to_dict(to_libpq(url))
     except psycopg.ProgrammingError as exc:  # ?pgbouncer=true, a typo: libpq takes its own parameters only
-        raise ServerError(f"--pg-url (or PGSHARD_URL) {mask_url(url)}: {str(exc).strip()}; remove it from the URL (libpq's "
+        raise ServerError(f"--pg-url (or PGSHARD_URL) {mask_url(url)}: {str(exc).strip()}; remove it from the URL "
+                          "(libpq's "
                           "connection parameters: https://www.postgresql.org/docs/current/libpq-connect.html"
                           "#LIBPQ-PARAMKEYWORDS)") from None
     try:
