@@ -21,6 +21,8 @@ _RULES: tuple[tuple[str, frozenset[str], tuple[str, ...]], ...] = (
     ("disk", frozenset({"53100"}), ("no space left on device", "could not extend file", "check free disk space")),
     ("connections", frozenset({"53300"}), ("too many clients already", "remaining connection slots are reserved",
                                           "too many connections for role")),
+    ("corrupt", frozenset({"XX001", "XX002"}), ("invalid page in block", "could not read block",
+                                                 "index contains unexpected zero page")),
     ("died", frozenset({"57P01", "57P02", "57P03"}), (
         "connection refused", "server closed the connection unexpectedly", "the database system is shutting down",
         "the database system is in recovery mode", "terminating connection due to", "is the server running",
@@ -48,7 +50,7 @@ _ENVIRONMENT: tuple[tuple[str, frozenset[str], tuple[str, ...]], ...] = (
 
 @dataclass(frozen=True)
 class Fault:
-    kind: str  # privilege, disk, connections, died
+    kind: str  # privilege, disk, connections, corrupt, died
     detail: str  # the database's own words, one line, masked
 
 
@@ -112,8 +114,14 @@ def environment(exc: BaseException, environ: Mapping[str, str]) -> str | None:
     return None
 
 
-def advice(fault: Fault, *, user: str, server: str, cache_dir: str | None, log: str | None) -> str:
+def advice(fault: Fault, *, user: str, server: str, cache_dir: str | None, log: str | None,
+           template: str | None = None) -> str:
     """The one line for a fault: its cause in the database's words, and what to do."""
+    if fault.kind == "corrupt":
+        source = f"the template {template}, which every clone copies," if template else "the template"
+        also = " (`pgshard clean --server` re-creates the whole embedded server)" if cache_dir else ""
+        return (f"pgshard: the database has a damaged page ({fault.detail}): {source} is damaged on disk; "
+                f"rebuild it with `pytest --pg-rebuild`{also}")
     if fault.kind == "privilege":
         return (f"pgshard: the role {user} may not create databases on {server} ({fault.detail}): the role needs "
                 f"CREATEDB (ALTER ROLE {user} CREATEDB), or give --pg-url a role that has it")

@@ -429,7 +429,8 @@ class Run:
         embedded = self.settings.server == "embedded"
         cache = self.settings.cache_dir or default_cache_dir()
         self.fault = advice(fault, user=make_url(self.server.url).username or "?", server=mask_url(self.server.url),
-                            cache_dir=str(cache) if embedded else None, log=self._server_log())
+                            cache_dir=str(cache) if embedded else None, log=self._server_log(),
+                            template=self.template.name if self.template is not None else None)
         return self.fault
 
     def _server_answers(self) -> bool:

@@ -1,0 +1,105 @@
+"""Issue 17 items 5, 6 and 7: a template damaged on disk, the walls that became one line (a read-only
+checkout, the cache dir deleted mid-run, a hung migration), and the small truths (a db_commit pool after
+its backends were terminated, the .failed lock file, the --pg-keep line).
+
+Each fault is made for real: a page overwritten in the template's file with the server stopped, a checkout
+made read-only, a migration that sleeps past the build timeout.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import stat
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from pgshard.server.base import to_libpq
+from pgshard.server.embedded import EmbeddedServer
+from tests.conftest import Project, remove_cache
+
+SCHEMA = """
+CREATE TABLE item (id serial PRIMARY KEY, note text NOT NULL);
+INSERT INTO item (note) SELECT 'row ' || g FROM generate_series(1, 50) g;
+"""
+
+READS_THE_TABLE = '''
+import pytest
+from sqlalchemy import text
+
+@pytest.mark.parametrize("i", range(30))
+def test_count(i, db_session):
+    assert db_session.execute(text("SELECT count(*) FROM item")).scalar() == 50
+'''
+
+
+@pytest.fixture
+def cache(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """An embedded server of these runs' own (it stops when a run ends: linger 0)."""
+    path = Path("/dev/shm" if Path("/dev/shm").is_dir() else "/var/tmp") / f"pgshard-r3-{uuid.uuid4().hex[:8]}"
+    monkeypatch.setenv("PGSHARD_CACHE_DIR", str(path))
+    yield path
+    remove_cache(path)
+
+
+def _text(result: pytest.RunResult) -> str:
+    return result.stdout.str() + result.stderr.str()
+
+
+def _sql_project(pytester: pytest.Pytester, tests: str, ini: str = "") -> None:
+    pytester.makefile(".sql", schema=SCHEMA)
+    pytester.makeini(f"[pytest]\npgshard_migrate = sql:schema.sql\n{ini}\n")
+    pytester.makepyfile(test_it=tests)
+
+
+def _run(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
+    return pytester.runpytest_subprocess("-p", "no:randomly", "-p", "no:cacheprovider", *args)
+
+
+def _template_table_file(cache: Path) -> tuple[str, Path]:
+    """The template's name and the file of its table ``item`` (the server is started for the asking)."""
+    server = EmbeddedServer(cache_dir=cache)
+    info = server.acquire()
+    try:
+        with psycopg.connect(to_libpq(info.url), autocommit=True) as conn:
+            row = conn.execute("SELECT datname, oid FROM pg_database WHERE datname LIKE 'pgshard\\_tpl\\_%'"
+                               ).fetchone()
+            assert row is not None
+            name, oid = str(row[0]), int(row[1])
+            conn.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+        with psycopg.connect(to_libpq(info.url.replace("/postgres?", f"/{name}?"))) as conn:
+            relfile = conn.execute("SELECT pg_relation_filenode('item')").fetchone()
+        with psycopg.connect(to_libpq(info.url), autocommit=True) as conn:
+            conn.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+        assert relfile is not None
+        return name, server.datadir / "base" / str(oid) / str(relfile[0])
+    finally:
+        server.release()
+        server.stop_unless_used()
+
+
+def test_a_template_page_damaged_on_disk_is_one_line_naming_the_template_and_the_fix(
+        pytester: pytest.Pytester, cache: Path) -> None:
+    _sql_project(pytester, READS_THE_TABLE)
+    _run(pytester, "-n", "2").assert_outcomes(passed=30)
+    template, table = _template_table_file(cache)
+    with table.open("r+b") as handle:  # one page of garbage where the table's first page was
+        handle.write(secrets.token_bytes(8192))
+
+    result = _run(pytester, "-n", "2")
+    text = _text(result)
+    assert result.ret != 0
+    assert "Traceback" not in text and "DataCorrupted" not in text, text
+    assert len(text.splitlines()) < 40, text
+    line = next(line for line in text.splitlines() if "damaged page" in line)
+    assert template in line and "pytest --pg-rebuild" in line and "invalid page in block 0" in line, line
+
+    rebuilt = _run(pytester, "-n", "2", "--pg-rebuild")  # as the line says
+    rebuilt.assert_outcomes(passed=30)
+    _run(pytester, "-n", "2").assert_outcomes(passed=30)
