@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import os
 import secrets
-import stat
 import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +20,7 @@ import pytest
 
 from pgshard.server.base import to_libpq
 from pgshard.server.embedded import EmbeddedServer
-from tests.conftest import Project, remove_cache
+from tests.conftest import remove_cache
 
 SCHEMA = """
 CREATE TABLE item (id serial PRIMARY KEY, note text NOT NULL);
@@ -103,3 +101,89 @@ def test_a_template_page_damaged_on_disk_is_one_line_naming_the_template_and_the
     rebuilt = _run(pytester, "-n", "2", "--pg-rebuild")  # as the line says
     rebuilt.assert_outcomes(passed=30)
     _run(pytester, "-n", "2").assert_outcomes(passed=30)
+
+
+@pytest.fixture
+def read_only(pytester: pytest.Pytester) -> Iterator[Path]:
+    """The inner project's directory made read-only for real (a read-only bind mount: root writes anywhere
+    else); where mounting is not permitted, a durations file under /proc, which nobody can create."""
+    where = pytester.path / "checkout"
+    mounted = subprocess.run(["mount", "--bind", str(where), str(where)], capture_output=True, check=False)
+    if mounted.returncode != 0:
+        yield Path("/proc/self/pgshard-durations.json")
+        return
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(where)], capture_output=True, check=True)
+        yield where / ".pgshard-durations.json"
+    finally:
+        subprocess.run(["umount", str(where)], capture_output=True, check=False)
+
+
+def test_store_durations_in_a_read_only_checkout_is_one_line_and_the_run_stays_green(
+        pytester: pytest.Pytester, cache: Path, request: pytest.FixtureRequest,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    checkout = pytester.mkdir("checkout")
+    (checkout / "schema.sql").write_text(SCHEMA)
+    (checkout / "pytest.ini").write_text("[pytest]\npgshard_migrate = sql:schema.sql\n")
+    (checkout / "test_it.py").write_text(READS_THE_TABLE)
+    durations: Path = request.getfixturevalue("read_only")  # from here on the checkout cannot be written
+    monkeypatch.setenv("PYTHONDONTWRITEBYTECODE", "1")
+    if durations.parent != checkout:
+        monkeypatch.setenv("PGSHARD_DURATIONS_FILE", str(durations))
+    result = _run(pytester, "-n", "2", "--pg-store-durations", str(checkout))
+    text = _text(result)
+    assert result.ret == 0, text
+    result.assert_outcomes(passed=30)
+    assert "Traceback" not in text and "INTERNALERROR" not in text, text
+    lines = [line for line in text.splitlines() if "could not write the durations file" in line]
+    assert lines and all("pgshard_durations_file" in line for line in lines), text
+    assert not durations.exists()
+
+
+DELETES_THE_CACHE = '''
+import os, shutil, pytest
+from sqlalchemy import text
+
+@pytest.mark.parametrize("i", range(20))
+def test_item(i, db_session):
+    if i == 5 and os.environ.get("DELETE_THE_CACHE"):
+        shutil.rmtree(os.environ["PGSHARD_CACHE_DIR"], ignore_errors=True)
+    assert db_session.execute(text("SELECT 1")).scalar() == 1
+'''
+
+
+def _postmasters_of(cache: Path) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                argv = (entry / "cmdline").read_bytes().split(b"\0")
+                state = (entry / "stat").read_text().rpartition(")")[2].split()[0]
+            except OSError:
+                continue
+            if argv and Path(os.fsdecode(argv[0])).name == "postgres" and str(cache).encode() in b" ".join(argv) \
+                    and state != "Z":
+                found.append(int(entry.name))
+    return found
+
+
+def test_the_cache_dir_deleted_mid_run_is_one_line_and_its_server_is_stopped(
+        pytester: pytest.Pytester, cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytester.makeini("[pytest]\n")
+    pytester.makepyfile(test_it=DELETES_THE_CACHE)
+    with monkeypatch.context() as patch:
+        patch.setenv("DELETE_THE_CACHE", "1")
+        result = _run(pytester)  # one process: the test that deletes the cache is the one using its server
+    text = _text(result)
+    assert "Traceback" not in text and "INTERNALERROR" not in text, text
+    # The open connection may go on serving (PostgreSQL keeps its files open) or the server may crash on the
+    # next file it cannot open: either way one line says what happened, the same line in the summary.
+    said = [line for line in text.splitlines() if f"the cache dir {cache} was deleted while this run used it" in line]
+    assert said, text
+    outcomes = result.parseoutcomes()
+    stopped = outcomes.get("failed", 0) + outcomes.get("errors", 0) == 1 and result.ret != 0
+    assert outcomes.get("passed") == 20 or stopped, text
+    from pgshard.leases import wait_for
+
+    wait_for(lambda: not _postmasters_of(cache), 60, "the orphaned postmaster stopped")
+    _run(pytester).assert_outcomes(passed=20)  # the next run starts a new server (and deletes it again)

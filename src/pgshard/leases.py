@@ -70,6 +70,24 @@ class Cluster:
             return False
         return os.fsencode(str(self.datadir)) in argv or os.fsencode(str(self.datadir.resolve())) in argv
 
+    def stop_orphan(self, pid: int | None) -> bool:
+        """Our postmaster, its data directory deleted under it (a cache dir removed mid-run): its pid file is
+        gone, so the pid it had when we started it is checked against its command line, which names the
+        directory it was started on, and it is shut down at once (there is nothing left to write to).
+        True if it was ours and running."""
+        if pid is None or not pid_alive(pid):
+            return False
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            return False
+        if not argv or Path(os.fsdecode(argv[0])).name not in ("postgres", "postmaster") or \
+                os.fsencode(str(self.datadir)) not in argv:
+            return False
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGQUIT)
+        return True
+
     def postmaster(self) -> int | None:
         pid = self.pidfile()[0]
         return pid if pid is not None and self.is_postmaster(pid) else None

@@ -12,6 +12,7 @@ import importlib
 import json
 import os
 import secrets
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -206,8 +207,11 @@ class Run:
             return
         self.close_admin()
         if self.lease is not None:
-            self.lease.release()
-            self.lease = None
+            lease, self.lease = self.lease, None
+            try:
+                lease.release()
+            except ServerError as exc:  # at exit, after the summary: one line, never a traceback
+                print(f"pgshard: {exc}", file=sys.stderr)
 
     def handoff(self, *, clean_up: bool = False) -> str:
         """What the xdist workers adopt; ``clean_up``: worker gw0 drops the dead runs' databases (the
@@ -407,7 +411,18 @@ class Run:
             try:
                 self.kept = clones.close(keep=self.settings.keep)
             except Exception as exc:
-                self.finish_error = self.explain(exc) or mask_url(" ".join(f"{type(exc).__name__}: {exc}".split()))
+                self.finish_error = self._cache_gone() or self.explain(exc) or mask_url(
+                    " ".join(f"{type(exc).__name__}: {exc}".split()))
+
+    def _cache_gone(self) -> str | None:
+        """Why the embedded server failed at the end when its cache dir was deleted during the run."""
+        if self.settings.server != "embedded":
+            return None
+        cache = self.settings.cache_dir or default_cache_dir()
+        if cache.is_dir() and any(cache.glob("pg*-*/data/PG_VERSION")):
+            return None
+        return (f"the cache dir {cache} was deleted while this run used it; its server is stopped at exit and "
+                "the next run starts a new one")
 
     # -- foreign faults -------------------------------------------------------------------------
     def explain(self, exc: BaseException) -> str | None:
@@ -426,6 +441,9 @@ class Run:
             return None
         if fault.kind == "died" and self._server_answers():
             return None
+        if fault.kind == "died" and (gone := self._cache_gone()) is not None:
+            self.fault = f"pgshard: the server died mid-run: {gone}"
+            return self.fault
         embedded = self.settings.server == "embedded"
         cache = self.settings.cache_dir or default_cache_dir()
         self.fault = advice(fault, user=make_url(self.server.url).username or "?", server=mask_url(self.server.url),
@@ -517,6 +535,9 @@ def summary_lines(server: ServerInfo | None, stats: list[dict[str, Any]], stale:
         lines.append(f"db_commit clones: {commits}, median wait {wait}")
     errors = sorted({str(s["finish_error"]) for s in stats if s.get("finish_error")})
     for error in errors:  # the cause only: a foreign fault's whole line was shown with the failing test
+        if error.startswith("the cache dir "):
+            lines.append(error)
+            continue
         lines.append(f"could not drop this run's clones ({error.removeprefix('pgshard: ').split(' (')[0]}); "
                      "the next run or `pgshard clean` drops them")
     # once, not once per worker; the controller's own too (a repaired server cache)

@@ -7,6 +7,7 @@ so the split depends only on the set of node ids and the durations file: never o
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import json
 import math
@@ -203,6 +204,17 @@ class DurationsRecorder:
             "durations": {nodeid: round(merged[nodeid], 4) for nodeid in sorted(merged)},
         }
         text = json.dumps(document, indent=2, ensure_ascii=False) + "\n"
+        try:
+            self._replace(path, text)
+        except OSError as exc:  # a read-only checkout, a full disk: the tests' outcome stands
+            return (f"could not write the durations file {path} ({exc.strerror or exc}); this run's durations "
+                    "were not kept: set pgshard_durations_file (PGSHARD_DURATIONS_FILE) to a writable path")
+        if problem is not None:
+            return f"durations file {path} {problem}; replaced it with this run's durations"
+        return None
+
+    @staticmethod
+    def _replace(path: Path, text: str) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         # A sibling temp file (same filesystem, so os.replace is atomic) opened with "x" under the
         # normal umask: readers see the old file or the new one, never half of one.
@@ -214,11 +226,9 @@ class DurationsRecorder:
                 os.fsync(fh.fileno())
             os.replace(tmp, path)
         except BaseException:
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
             raise
-        if problem is not None:
-            return f"durations file {path} {problem}; replaced it with this run's durations"
-        return None
 
 
 # -- pytest hooks (registered by plugin.py only when --shard or --pg-store-durations is given) --------------

@@ -168,6 +168,7 @@ class EmbeddedServer:
         self.datadir = self.cluster.datadir
         self.sockdir = self.home / "run"
         self.leases = self.cluster.leases
+        self._postmaster: int | None = None  # its pid when acquired (stop_orphan)
         self.secret_file = self.home / "secret.json"  # the port; the password lives only in the passfile
         self.passfile = self.home / "passfile"
         self.facts_file = self.home / FACTS_FILE  # the running server's version and fsync (_facts)
@@ -433,6 +434,7 @@ class EmbeddedServer:
             with self._locked():
                 try:
                     port = self._ready_port()
+                    self._postmaster = self.cluster.pidfile()[0]
                     self.cluster.add_lease()
                     if not self.cluster.persistent:  # stops it should this run be killed before it can
                         self.cluster.ensure_watchdog(self.linger)
@@ -510,7 +512,11 @@ class EmbeddedServer:
 
     def release(self) -> bool:
         """Drop this process's lease; stop the server when nobody else holds one (after the linger, by
-        the watchdog, when there is one). True if stopped now."""
+        the watchdog, when there is one). True if stopped now. A home deleted meanwhile (the cache dir
+        removed mid-run) holds no lease and no lock any more: its orphaned postmaster is stopped."""
+        if not self.home.is_dir():
+            _HELD.pop((str(self.home), os.getpid()), None)
+            return self.cluster.stop_orphan(self._postmaster)
         with self._locked():
             key = (str(self.home), os.getpid())
             held = _HELD.pop(key, 0) - 1
