@@ -187,3 +187,44 @@ def test_the_cache_dir_deleted_mid_run_is_one_line_and_its_server_is_stopped(
 
     wait_for(lambda: not _postmasters_of(cache), 60, "the orphaned postmaster stopped")
     _run(pytester).assert_outcomes(passed=20)  # the next run starts a new server (and deletes it again)
+
+
+CRASHES_A_BACKEND = '''
+import os, signal, time, pytest
+from sqlalchemy import text
+
+HERE = os.path.dirname(__file__)
+
+@pytest.mark.parametrize("i", range(200))
+def test_item(i, db_session, pg_engine):
+    assert db_session.execute(text("SELECT 1")).scalar() == 1
+    if i == 20:
+        try:
+            open(os.path.join(HERE, "crashed"), "x").close()
+        except FileExistsError:
+            return
+        # another backend killed by the OOM killer: the postmaster ends every session and recovers
+        with pg_engine.connect() as victim:
+            os.kill(victim.execute(text("SELECT pg_backend_pid()")).scalar(), signal.SIGKILL)
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:  # until the crash reaches this test's own session
+                db_session.execute(text("SELECT 1"))
+'''
+
+
+def test_a_server_that_crashed_and_recovered_mid_run_is_one_line_not_a_traceback_per_test(
+        pytester: pytest.Pytester, cache: Path) -> None:
+    """The server answers again a moment later, yet every session of the run was cut: each worker says so
+    in one line and stops, instead of a traceback for each of its remaining tests."""
+    pytester.makeini("[pytest]\n")
+    pytester.makepyfile(test_it=CRASHES_A_BACKEND)
+    result = _run(pytester, "-n", "2")
+    text = _text(result)
+    assert result.ret != 0
+    assert "Traceback" not in text and "INTERNALERROR" not in text, text
+    assert len(text.splitlines()) < 60, text
+    outcomes = result.parseoutcomes()
+    assert 1 <= outcomes.get("failed", 0) + outcomes.get("errors", 0) <= 4, text
+    assert any(line.startswith("pgshard: the server died mid-run") and "server.log" in line
+               for line in text.splitlines()), text
+    _run(pytester, "-n", "2").assert_outcomes(passed=200)  # the next run: green on the recovered server

@@ -81,6 +81,25 @@ def _detail(exc: BaseException, phrase: str | None) -> str:
     return text if len(text) <= 200 else text[:200] + " ..."
 
 
+# What only a crash and restart of the server says (a test's own pg_terminate_backend says 57P01 instead):
+# a server that answers again after one of these still lost this run's sessions.
+_CRASH_STATES = frozenset({"57P02", "57P03"})
+_CRASH_PHRASES = ("crash of another server process", "in recovery mode", "not yet accepting connections",
+                  "is starting up")
+
+
+def crashed(exc: BaseException) -> bool:
+    """Whether ``exc`` (anywhere in its chain) is the server's word for a crash and restart."""
+    for current in _chain(exc):
+        if not _speaks_for_database(current):
+            continue
+        sqlstate = getattr(current, "sqlstate", None) or getattr(current, "pgcode", None)
+        text = str(current).lower()
+        if sqlstate in _CRASH_STATES or any(phrase in text for phrase in _CRASH_PHRASES):
+            return True
+    return False
+
+
 def classify(exc: BaseException) -> Fault | None:
     """The foreign fault behind ``exc`` (anywhere in its chain), or None for an ordinary error."""
     for current in _chain(exc):

@@ -63,6 +63,7 @@ class Run:
     _maker: Template | None = field(default=None, repr=False)
     _background: threading.Thread | None = field(default=None, repr=False)  # start_background's work
     _background_done: threading.Event | None = field(default=None, repr=False)
+    _stats_reset: object = field(default=None, repr=False)  # the server's, when this worker cloned its database
     _abandoned: bool = False  # the start-up thread hung (an interrupted run): not waited for again
 
     # -- the server ----------------------------------------------------------------------------
@@ -346,6 +347,9 @@ class Run:
                                      pool_size=self.settings.commit_pool, admin=admin)
                 self.clone_times = self.clones.times
             self.database = self.clones.worker_database()
+            with contextlib.suppress(Exception):  # what tells a crash restart later (_server_state)
+                row = self.clones.admin.conn.execute("SELECT stats_reset FROM pg_stat_bgwriter").fetchone()
+                self._stats_reset = row[0] if row is not None else None
             if self.settings.server == "embedded" and self.settings.eager:  # a server nobody else creates on
                 with contextlib.suppress(Exception):
                     self._others_at_start = self.clones.admin.others()
@@ -428,7 +432,7 @@ class Run:
     def explain(self, exc: BaseException) -> str | None:
         """One line for a fault that is not pgshard's own (faults.py), with this server's facts; None for
         an ordinary error. A "died" verdict is checked: a server that still answers did not die."""
-        from pgshard.faults import advice, classify, environment
+        from pgshard.faults import advice, classify, crashed, environment
 
         steered = environment(exc, os.environ)
         if steered is not None:
@@ -439,8 +443,8 @@ class Run:
         fault = classify(exc)
         if fault is None or self.server is None:
             return None
-        if fault.kind == "died" and self._server_answers():
-            return None
+        if fault.kind == "died" and not crashed(exc) and self._server_state() == "up":
+            return None  # a test that ended sessions itself; a server that crashed and came back still counts
         if fault.kind == "died" and (gone := self._cache_gone()) is not None:
             self.fault = f"pgshard: the server died mid-run: {gone}"
             return self.fault
@@ -451,13 +455,17 @@ class Run:
                             template=self.template.name if self.template is not None else None)
         return self.fault
 
-    def _server_answers(self) -> bool:
+    def _server_state(self) -> str:
+        """"down"; "crashed": it answers, but restarted after a crash since this worker cloned its database
+        (a crash recovery resets the cumulative statistics, and so their reset time); else "up"."""
         assert self.server is not None
         try:
-            connect(self.server.url, timeout=3).close()
+            with connect(self.server.url, timeout=3) as conn:
+                row = conn.execute("SELECT stats_reset FROM pg_stat_bgwriter").fetchone()
         except Exception:
-            return False
-        return True
+            return "down"
+        crashed = self._stats_reset is not None and row is not None and row[0] != self._stats_reset
+        return "crashed" if crashed else "up"
 
     def _server_log(self) -> str | None:
         if self.settings.server != "embedded":
