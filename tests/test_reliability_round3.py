@@ -20,7 +20,7 @@ import pytest
 
 from pgshard.server.base import to_libpq
 from pgshard.server.embedded import EmbeddedServer
-from tests.conftest import remove_cache
+from tests.conftest import Project, remove_cache
 
 SCHEMA = """
 CREATE TABLE item (id serial PRIMARY KEY, note text NOT NULL);
@@ -228,3 +228,88 @@ def test_a_server_that_crashed_and_recovered_mid_run_is_one_line_not_a_traceback
     assert any(line.startswith("pgshard: the server died mid-run") and "server.log" in line
                for line in text.splitlines()), text
     _run(pytester, "-n", "2").assert_outcomes(passed=200)  # the next run: green on the recovered server
+
+
+HANGS = '''
+import os, time
+
+def main(url):
+    with open(os.environ["HANG_PIDFILE"], "w") as fh:
+        fh.write(str(os.getpid()))
+    time.sleep(3600)  # a migration waiting on a lock that never comes
+'''
+
+
+def test_a_hung_migration_is_stopped_at_the_build_timeout_in_one_line(
+        pytester: pytest.Pytester, cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytester.makepyfile(seed=HANGS, test_it="def test_it(db_session):\n    pass\n")
+    pytester.makeini("[pytest]\npgshard_migrate = python:seed:main\npgshard_build_timeout = 3\n")
+    pidfile = pytester.path / "hang.pid"
+    monkeypatch.setenv("HANG_PIDFILE", str(pidfile))
+    monkeypatch.setenv("PYTHONPATH", str(pytester.path))
+    result = _run(pytester, "-n", "2")
+    text = _text(result)
+    assert result.ret != 0
+    assert "Traceback" not in text and len(text.splitlines()) < 40, text
+    line = next(line for line in text.splitlines() if "did not finish within pgshard_build_timeout (3 s)" in line)
+    assert "'python:seed:main'" in line and "PGSHARD_BUILD_TIMEOUT" in line, line
+    from pgshard.host import pid_alive
+
+    assert not pid_alive(int(pidfile.read_text()))  # the step's process was stopped with the build
+
+
+def test_a_running_step_says_so_every_interval_and_is_killed_with_its_children_at_the_timeout(
+        tmp_path: Path) -> None:
+    """run_watched (pure process logic): the progress lines and the kill of the whole process group."""
+    from pgshard.host import pid_alive
+    from pgshard.migrate import MigrationError, Watch, run_watched, watching
+
+    said: list[str] = []
+    script = f"sleep 3600 & echo $! > {tmp_path}/child; wait"
+    with watching(Watch(timeout=1.5, progress=said.append, every=0.4)), \
+            pytest.raises(MigrationError, match=r"step 'command:seed' failed: did not finish within "
+                                                r"pgshard_build_timeout \(1.5 s\)"):
+        run_watched(["sh", "-c", script], lambda: "command:seed")
+    assert len(said) >= 2 and all("step 'command:seed' running for" in line for line in said), said
+    assert "(pgshard_build_timeout 1.5 s)" in said[0]
+    child = int((tmp_path / "child").read_text())
+    from pgshard.leases import wait_for
+
+    wait_for(lambda: not pid_alive(child), 30, "the step's own child was killed")
+
+
+TERMINATES_EVERY_OTHER_BACKEND = '''
+import pytest
+from sqlalchemy import text
+
+@pytest.mark.db_commit
+@pytest.mark.parametrize("i", range(30))
+def test_commit(i, commit_db):
+    with commit_db.engine.begin() as conn:
+        assert conn.execute(text("SELECT 1")).scalar() == 1
+        if i % 10 == 5:  # every worker's admin and pool connections (the tests' own run on their clones)
+            conn.execute(text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                              "WHERE datname = 'postgres' AND backend_type = 'client backend'"))
+'''
+
+
+def test_the_db_commit_pool_recovers_after_a_test_terminates_every_other_backend(
+        pytester: pytest.Pytester, cache: Path) -> None:
+    pytester.makeini("[pytest]\n")
+    pytester.makepyfile(test_it=TERMINATES_EVERY_OTHER_BACKEND)
+    result = _run(pytester, "-n", "2")
+    result.assert_outcomes(passed=30)  # every later test got its fresh clone: the pool made them anew
+    assert "db_commit clones: 30" in _text(result)
+
+
+def test_a_fixed_migration_removes_the_failure_file_of_the_broken_one(project: Project, cache: Path) -> None:
+    """The .failed file tells a run's other workers not to build a broken template again; a later run that
+    builds the fixed chain (a new fingerprint) removes it."""
+    project.write_migration("0002", "0001", 'raise RuntimeError("migration 0002 is broken")')
+    project.pytester.makepyfile(test_it="def test_it(db_session):\n    pass\n")
+    assert project.run("-n", "2").ret != 0
+    failed = list(cache.rglob("*.failed"))
+    assert len(failed) == 1, failed
+    project.write_migration("0002", "0001", 'op.add_column("item", sa.Column("note", sa.Text))')
+    project.run("-n", "2").assert_outcomes(passed=1)
+    assert list(cache.rglob("*.failed")) == []

@@ -116,6 +116,24 @@ class Admin:
             self._conn = connect(self.url)
         return self._conn
 
+    def lost(self) -> bool:
+        """The server ended this connection (a backend terminated, a restart): a new one may do the work."""
+        return self._conn is not None and self._conn.closed
+
+    def discard(self, name: str) -> None:
+        """Drop what a lost attempt to create ``name`` (one of the caller's own names) may have left, marked
+        or not (it was noted before its CREATE, so it is claimed on that proof)."""
+        found = self.info(name)
+        if found is None:
+            return
+        if found.marker is None:
+            if self.intents is None or not (self.intents / name).exists():
+                raise NotOurs(f"database {name} was not created by pgshard (no ownership marker); left untouched")
+            self.mark(name, Marker("clone", "lost"))
+        self.drop(name, force=True)
+        if self.intents is not None:
+            (self.intents / name).unlink(missing_ok=True)
+
     def close(self) -> None:
         if self._conn is not None:
             self._conn.close()
@@ -353,5 +371,5 @@ class Admin:
         try:
             yield
         finally:
-            if not self.conn.closed:
-                self.conn.execute(f"SELECT pg_advisory_unlock{suffix}(%s)", (number,))
+            if self._conn is not None and not self._conn.closed:  # a lost connection took its locks with it
+                self._conn.execute(f"SELECT pg_advisory_unlock{suffix}(%s)", (number,))

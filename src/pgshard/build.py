@@ -13,8 +13,8 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import subprocess
 import sys
+import tempfile
 import traceback
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -29,6 +29,7 @@ from pgshard.migrate import (
     PythonMigrator,
     SqlMigrator,
     interpreter_env,
+    run_watched,
 )
 from pgshard.settings import temporary_env
 
@@ -75,15 +76,19 @@ def apply_steps(migrators: Sequence[Migrator], url: str, env: Mapping[str, str])
 
 def _in_child(batch: Sequence[Migrator], url: str, env: Mapping[str, str]) -> None:
     child_env = {**interpreter_env(os.environ), **env}
-    proc = subprocess.run([sys.executable, "-m", "pgshard.build"], input=pickle.dumps((list(batch), url)),
-                          env=child_env, capture_output=True, check=False)
-    events: list[dict[str, Any]] = []
-    for line in proc.stdout.decode(errors="replace").splitlines():
-        try:
-            events.append(json.loads(line))
-        except ValueError:
-            continue
-    if proc.returncode == 0 and events and events[-1].get("ok"):
+    with tempfile.TemporaryFile() as report:  # read while it runs: which step a timeout stopped
+        def written() -> bytes:  # pread: the offset both processes share is the child's to move
+            return os.pread(report.fileno(), os.fstat(report.fileno()).st_size, 0)
+
+        def running() -> str:
+            started = [e["spec"] for e in _events(written()) if "spec" in e and "reason" not in e]
+            return started[-1] if started else batch[0].spec
+
+        returncode, _, stderr = run_watched([sys.executable, "-m", "pgshard.build", str(report.fileno())],
+                                            running, input=pickle.dumps((list(batch), url)), env=child_env,
+                                            pass_fds=(report.fileno(),))
+        events = _events(written())
+    if returncode == 0 and events and events[-1].get("ok"):
         return
     if events and "reason" in events[-1]:
         last = events[-1]
@@ -91,16 +96,28 @@ def _in_child(batch: Sequence[Migrator], url: str, env: Mapping[str, str]) -> No
                              traceback=last.get("traceback", ""), output=last.get("output", []))
     # The child died inside a step (os._exit, a crash, a signal): blame the step it had started.
     started = [e["spec"] for e in events if "spec" in e]
-    tail = [line for line in proc.stderr.decode(errors="replace").splitlines() if line.strip()][-_TAIL_LINES:]
+    tail = [line for line in stderr.decode(errors="replace").splitlines() if line.strip()][-_TAIL_LINES:]
     raise MigrationError(started[-1] if started else batch[0].spec,
-                         f"the build process (python -m pgshard.build) exited with {proc.returncode}: "
+                         f"the build process (python -m pgshard.build) exited with {returncode}: "
                          f"{' | '.join(tail) or '(no output)'}")
+
+
+def _events(data: bytes) -> list[dict[str, Any]]:
+    events = []
+    for line in data.decode(errors="replace").splitlines():
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(event, dict):
+            events.append(event)
+    return events
 
 
 def main() -> int:
     """The child: unpickle the steps, apply them, report on the real stdout in JSON lines (each step as
     it starts, then the outcome). Whatever the steps print goes to stderr: it cannot pass for a report."""
-    result = os.fdopen(os.dup(1), "w")
+    result = os.fdopen(int(sys.argv[1]), "w") if len(sys.argv) > 1 else os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)
     sys.stdout = sys.stderr
     migrators, url = pickle.loads(sys.stdin.buffer.read())

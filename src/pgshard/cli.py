@@ -348,6 +348,12 @@ def cmd_clean(args: argparse.Namespace, settings: Settings) -> int:
         if args.all:
             drop, skip = plan_all(entries)
             what = "pgshard database(s)"
+        elif args.kept:  # what --pg-keep left, nothing else; one that someone still looks at stays
+            kept = [e for e in entries if e.kind == "kept"]
+            drop = [e for e in kept if not e.db.connections]
+            skip = [(e, f"{e.db.connections} open connection(s); close them and run again")
+                    for e in kept if e.db.connections]
+            what = "kept clone(s) (--pg-keep)"
         else:  # exactly what a run drops at its start: another host's, past the TTL, only without sessions
             host = host_identity()
             drop = [e for e in entries if e.stale and (not e.db.connections or _marker_host(e) == host)]
@@ -532,11 +538,13 @@ def build_parser() -> argparse.ArgumentParser:
     clean = commands.add_parser("clean", help="drop databases of dead runs (--all: every pgshard database)",
                                 description="Default: the databases a run would drop at its start (clones and "
                                 "half-built templates of dead runs on this host, of other hosts after the TTL). "
-                                "--all: every database with pgshard's marker, templates and kept clones too, "
+                                "--kept: the clones --pg-keep kept. --all: every database with pgshard's marker, "
+                                "templates and kept clones too, "
                                 "except what a live run on this host uses or what has open connections. "
                                 "A database without pgshard's ownership marker is never dropped.")
     _common(clean)
     clean.add_argument("--all", action="store_true", help="templates and kept clones too")
+    clean.add_argument("--kept", action="store_true", help="only the clones --pg-keep kept")
     clean.add_argument("--server", action="store_true",
                        help="stop the embedded server and remove its whole cache (a damaged one is re-created)")
     clean.add_argument("--dry-run", action="store_true", help="list what would be dropped, drop nothing")

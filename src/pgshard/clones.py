@@ -87,6 +87,20 @@ class Clones:
         return Database(name, database_url(self.server.url, name))
 
     def _clone(self, admin: Admin, name: str) -> float:
+        """Clone the template as ``name``; once more on a new connection when the server ended this one (a test
+        that terminated every other backend): what the lost attempt left of ``name`` is dropped first."""
+        from psycopg import OperationalError
+
+        try:
+            return self._clone_once(admin, name)
+        except (OperationalError, ServerError):
+            if not admin.lost():
+                raise
+        admin.close()
+        admin.discard(name)
+        return self._clone_once(admin, name)
+
+    def _clone_once(self, admin: Admin, name: str) -> float:
         with admin.advisory_lock(swap_lock(self.template), shared=True):  # a --pg-rebuild elsewhere waits
             seconds = admin.create(name, self._marker(), template=self.template,
                                    strategy=clone_strategy(self.server))
@@ -141,7 +155,13 @@ class Clones:
                 worked = False
                 with contextlib.suppress(queue.Empty):
                     name = self._to_drop.get_nowait()
-                    admin.drop(name, force=True)
+                    try:
+                        admin.drop(name, force=True)
+                    except Exception:
+                        if not admin.lost():
+                            raise
+                        admin.close()  # its connection was ended: the next one drops it
+                        self._to_drop.put(name)
                     worked = True
                 if not worked and self._ready.qsize() < self.pool_size:
                     name = self._next_name()

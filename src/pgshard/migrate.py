@@ -64,6 +64,73 @@ class MigrationError(RuntimeError):
         return f"{self}\n(the build's whole traceback: --tb=long)"
 
 
+@dataclass
+class Watch:
+    """How long a template build may take (``timeout`` seconds, 0: no limit) and who hears, every
+    ``every`` seconds, that it is still running (``progress``: one line)."""
+
+    timeout: float = 0
+    progress: Callable[[str], None] | None = None
+    every: float = 30
+
+
+_WATCH = Watch()
+
+
+@contextlib.contextmanager
+def watching(watch: Watch) -> Iterator[None]:
+    """The watch over every step process started inside the block (one build at a time per process)."""
+    global _WATCH
+    saved, _WATCH = _WATCH, watch
+    try:
+        yield
+    finally:
+        _WATCH = saved
+
+
+def run_watched(args: Sequence[str], what: Callable[[], str], *, input: bytes | None = None,
+                **kwargs: Any) -> tuple[int, bytes, bytes]:
+    """Run a build step's process (in a session of its own) to its end under the current watch: a line
+    every ``every`` seconds while it runs, and past the timeout the process and its children killed and a
+    MigrationError naming the step (``what()``: the step running now, asked when needed) and the option."""
+    import signal
+    import time
+
+    watch = _WATCH
+    started = time.monotonic()
+    proc = subprocess.Popen(list(args), stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True, **kwargs)
+    try:
+        pending = input
+        while True:
+            waited = time.monotonic() - started
+            tick = watch.every if watch.progress is not None else None
+            left = watch.timeout - waited if watch.timeout > 0 else None
+            step = min((t for t in (tick, left) if t is not None), default=None)
+            try:
+                out, err = proc.communicate(pending, timeout=step)
+                return proc.returncode, out, err
+            except subprocess.TimeoutExpired:
+                pending = None  # communicate() goes on feeding what it had not written yet
+            waited = time.monotonic() - started
+            if watch.timeout > 0 and waited >= watch.timeout:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.communicate()
+                raise MigrationError(what(), f"did not finish within pgshard_build_timeout ({watch.timeout:g} s), "
+                                             "so the build was stopped: is it waiting for a lock another session "
+                                             "holds, or for input? Raise pgshard_build_timeout "
+                                             "(PGSHARD_BUILD_TIMEOUT) if it needs longer")
+            if watch.progress is not None:
+                limit = f" (pgshard_build_timeout {watch.timeout:g} s)" if watch.timeout > 0 else ""
+                watch.progress(f"pgshard: building the template: step '{what()}' running for {waited:.0f} s{limit}")
+    finally:
+        if proc.poll() is None:  # an interrupt (Ctrl-C) while waiting: the step's processes go with us
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
 _NOISE = re.compile(r"^\s*\(Background on this error at: .*\)\s*$")
 _EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt|Failure|Warning)\b.*")
 OUTPUT_LINES = 6
@@ -379,13 +446,13 @@ class CommandMigrator:
         if args and args[0] == "python":
             args[0] = sys.executable
         try:
-            proc = subprocess.run(args, cwd=self.cwd, env=env, capture_output=True, text=True, check=False)
+            returncode, out, err = run_watched(args, lambda: self.spec, cwd=self.cwd, env=env)
         except OSError as exc:  # not found / not executable: say which, with the PATH it searched
             raise MigrationError(self.spec, f"{exc.strerror}: {args[0]!r} (PATH starts with {env['PATH'][:200]})") \
                 from None
-        if proc.returncode != 0:
-            output = "\n".join(part for part in (proc.stdout, proc.stderr) if part)
-            raise MigrationError(self.spec, f"exit {proc.returncode}",
+        if returncode != 0:
+            output = "\n".join(part.decode(errors="replace") for part in (out, err) if part)
+            raise MigrationError(self.spec, f"exit {returncode}",
                                  output=[*("  " + line for line in meaningful_tail(output) or ["(no output)"]),
                                          f"  whole output: {_keep_output(self.command, output)}"])
 

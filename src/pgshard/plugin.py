@@ -184,6 +184,7 @@ def pytest_configure(config: pytest.Config) -> None:
             raise _fail_usage(exc) from None
         config.stash[RUN] = Run(settings, Run.new_run_id(), "main")
     run = config.stash[RUN]
+    run.say = lambda line: _say(config, line)
     workerinput = getattr(config, "workerinput", None)
     if workerinput is not None and run.server is None:  # a worker without hand-off: lazy, keyed by run uid
         run.run_id = str(workerinput["testrunuid"])[:8]
@@ -316,6 +317,15 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
             item.session.shouldstop = line
     if run is not None and (report.longrepr is not None or report.sections):
         _scrub(report, run.secrets())
+
+
+def _say(config: pytest.Config, line: str) -> None:
+    """A line to the terminal while a test or fixture runs (a template build's progress): past the output
+    capture, on the process's own stderr (an xdist worker's is its controller's)."""
+    capture = config.pluginmanager.getplugin("capturemanager")
+    with capture.global_and_fixture_disabled() if capture is not None else contextlib.nullcontext():
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
 
 
 def _scrub(report: pytest.TestReport, secrets: list[str]) -> None:

@@ -15,6 +15,7 @@ import secrets
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +24,7 @@ from sqlalchemy.engine import make_url
 from pgshard.admin import Admin, intents_dir
 from pgshard.clones import Clones, CloneTimes, Database, drop_stale, worker_database_name
 from pgshard.host import default_cache_dir
-from pgshard.migrate import Migrator, blind_commands, hash_globs, parse_migrators
+from pgshard.migrate import Migrator, Watch, blind_commands, hash_globs, parse_migrators
 from pgshard.server import ServerLease, acquire
 from pgshard.server.base import ServerError, ServerInfo, connect, passfile_secrets
 from pgshard.settings import Settings, env_assignments, mask_url, placeholders
@@ -63,6 +64,7 @@ class Run:
     _maker: Template | None = field(default=None, repr=False)
     _background: threading.Thread | None = field(default=None, repr=False)  # start_background's work
     _background_done: threading.Event | None = field(default=None, repr=False)
+    say: Callable[[str], None] | None = field(default=None, repr=False)  # a line to the terminal, now
     _stats_reset: object = field(default=None, repr=False)  # the server's, when this worker cloned its database
     _abandoned: bool = False  # the start-up thread hung (an interrupted run): not waited for again
 
@@ -329,7 +331,8 @@ class Run:
             self._maker = Template(self._admin(), server, migrators, lock_dir=lock_dir, run_id=self.run_id,
                                    rebuild=self.settings.rebuild, keep=self.settings.keep_templates,
                                    env_lines=self.settings.env, url_scheme=self.url_scheme(), inputs=inputs,
-                                   project=project_key(self.settings.rootdir))
+                                   project=project_key(self.settings.rootdir),
+                                   watch=Watch(self.settings.build_timeout, self.say))
         return self._maker
 
     def worker_database(self) -> Database:
@@ -559,6 +562,6 @@ def summary_lines(server: ServerInfo | None, stats: list[dict[str, Any]], stale:
                      f"put them on the template's clones with: pgshard_redirect = {' '.join(redirect_globs(foreign))}")
     kept = [url for s in stats for url in s.get("kept", [])]
     if kept:
-        lines.append("kept (--pg-keep; drop with `pgshard clean`): " + ", ".join(kept))
+        lines.append("kept (--pg-keep; drop them with `pgshard clean --kept`): " + ", ".join(kept))
     return lines
 

@@ -104,6 +104,8 @@ OPTIONS: tuple[Option, ...] = (
            "Age after which databases left by runs of other hosts are dropped."),
     Option("commit_pool", None, "PGSHARD_COMMIT_POOL", "pgshard_commit_pool", "int", 2,
            "How many fresh clones to keep ready for db_commit tests."),
+    Option("build_timeout", None, "PGSHARD_BUILD_TIMEOUT", "pgshard_build_timeout", "int", 1800,
+           "Seconds a template build may take before it is stopped (0: no limit); a line every 30 s while it runs."),
     Option("linger", None, "PGSHARD_LINGER", "pgshard_linger", "int", None,
            f"Seconds the embedded server stays up after the last run (default {LINGER_LOCAL}, 0 when CI is set)."),
 )
@@ -140,6 +142,7 @@ class Settings:
     keep_templates: int = 3
     stale_ttl_hours: int = 24
     commit_pool: int = 2
+    build_timeout: int = 1800
     linger: int = 0
     rootdir: Path = field(default_factory=Path.cwd)
     explicit: frozenset[str] = frozenset()  # options the user set somewhere (not defaults)

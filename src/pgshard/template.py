@@ -23,7 +23,7 @@ from pgshard import redirect
 from pgshard.admin import Admin, Marker
 from pgshard.build import apply_steps
 from pgshard.lockfile import HolderLock, LockError
-from pgshard.migrate import MigrationError, Migrator, _sha
+from pgshard.migrate import MigrationError, Migrator, Watch, _sha, watching
 from pgshard.server.base import ServerError, ServerInfo
 from pgshard.settings import SettingsError, env_assignments, placeholders
 from pgshard.version import __version__
@@ -116,6 +116,7 @@ class Template:
         url_scheme: str | None = None,
         inputs: Sequence[str] = (),
         project: str = "",
+        watch: Watch | None = None,
     ) -> None:
         self.admin = admin
         self.server = server
@@ -128,6 +129,7 @@ class Template:
         self.url_scheme = url_scheme  # what {url} carries in pgshard_env: the app's driver (discover.url_driver)
         self.inputs = tuple(inputs)  # more fingerprint parts: hashes of files the steps read (pgshard_fingerprint)
         self.project = project
+        self.watch = watch or Watch()
         self._fingerprint: str | None = None
 
     def fingerprint(self) -> str:
@@ -210,8 +212,8 @@ class Template:
                 try:
                     self._build(name)
                 except MigrationError as exc:
-                    self._failure_file().write_text(json.dumps({"run": self.run_id, "spec": exc.spec,
-                                                                "reason": exc.reason}))
+                    self._failure_file().write_text(json.dumps({"run": self.run_id, "template": name,
+                                                                "spec": exc.spec, "reason": exc.reason}))
                     raise
                 self._failure_file().unlink(missing_ok=True)
                 built = time.perf_counter() - build_started
@@ -221,7 +223,10 @@ class Template:
         return TemplateResult(name, self.fingerprint(), True, built, waited)
 
     def _failure_file(self) -> Path:
-        return self._lock_path().with_suffix(".failed")
+        """One per project and server, not per fingerprint: the build that succeeds after a fix (a new
+        fingerprint) removes the failure it fixed."""
+        lock = self._lock_path()
+        return lock.with_name(f"{lock.name.split('-', 1)[0]}-{self.admin.prefix}-{self.project or 'any'}.failed")
 
     def _earlier_failure(self) -> MigrationError | None:
         """A process of this same run failed to build this template: its error, without running the
@@ -230,7 +235,7 @@ class Template:
             data = json.loads(self._failure_file().read_text())
         except (OSError, ValueError):
             return None
-        if not isinstance(data, dict) or data.get("run") != self.run_id:
+        if not isinstance(data, dict) or data.get("run") != self.run_id or data.get("template") != self.name:
             return None
         error = MigrationError(str(data.get("spec")), str(data.get("reason")))
         error.elsewhere = True
@@ -245,7 +250,7 @@ class Template:
         try:
             # in-process steps that use the app's own (redirected or followed) engines build the template too
             # the build child redirects pgshard_redirect's names to the build database too (redirect.CHILD_NAMES)
-            with redirect.retarget(url):
+            with redirect.retarget(url), watching(self.watch):
                 apply_steps(self.migrators, url,
                             {**env_assignments(self.env_lines, placeholders(url, scheme=self.url_scheme)),
                              **redirect.child_environment()})

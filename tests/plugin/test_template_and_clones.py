@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -94,9 +95,19 @@ def test_pg_keep_keeps_clones_and_prints_masked_urls(project: Project, out_file:
     try:
         assert kept in databases(admin_conn)
         result.stdout.fnmatch_lines([f"*kept (--pg-keep*postgresql+psycopg://pgshard@*/{kept}?passfile=*"])
+        # the command the line names is the one that drops them (issue 17 item 7)
+        line = next(line for line in result.stdout.lines if line.startswith("kept (--pg-keep"))
+        command = line.split("`")[1].split()
+        assert command[:2] == ["pgshard", "clean"], line
+        cleaned = subprocess.run([sys.executable, "-m", "pgshard.cli", *command[1:]], cwd=project.root,
+                                 capture_output=True, text=True, timeout=120, check=False)
+        assert cleaned.returncode == 0 and f"dropped {kept}" in cleaned.stdout, cleaned.stdout + cleaned.stderr
+        assert kept not in databases(admin_conn)
+        assert any(name.startswith("pgshard_tpl_") for name in databases(admin_conn))  # templates stay
     finally:
-        admin_conn.execute(f'ALTER DATABASE "{kept}" WITH IS_TEMPLATE false')
-        admin_conn.execute(f'DROP DATABASE "{kept}"')
+        if kept in databases(admin_conn):
+            admin_conn.execute(f'ALTER DATABASE "{kept}" WITH IS_TEMPLATE false')
+            admin_conn.execute(f'DROP DATABASE "{kept}"')
 
 
 def _postmasters_for(datadir_prefix: str) -> list[str]:
