@@ -370,8 +370,9 @@ def test_recorder_write_is_atomic_and_leaves_no_temp_files(
         raise OSError("disk full")
 
     monkeypatch.setattr(os, "replace", fail)
-    with pytest.raises(OSError, match="disk full"):
-        recorder.write(path)
+    warning = recorder.write(path)  # a warning, not an error: the run's outcome stands (issue 17 item 6)
+    assert warning is not None and "could not write the durations file" in warning and "disk full" in warning
+    assert "pgshard_durations_file" in warning
     assert path.read_text() == before, "a failed write must not damage the old file"
     assert [p.name for p in tmp_path.iterdir()] == ["d.json"]
 
