@@ -48,6 +48,9 @@ _ENVIRONMENT: tuple[tuple[str, frozenset[str], tuple[str, ...]], ...] = (
 )
 
 
+_UNPINNED = frozenset({"PGSSLMODE", "PGSSLROOTCERT"})  # what pgshard's own connections to a remote server keep
+
+
 @dataclass(frozen=True)
 class Fault:
     kind: str  # privilege, disk, connections, corrupt, died
@@ -116,17 +119,24 @@ def classify(exc: BaseException) -> Fault | None:
     return None
 
 
-def environment(exc: BaseException, environ: Mapping[str, str]) -> str | None:
+def environment(exc: BaseException, environ: Mapping[str, str], *, own: bool = False) -> str | None:
     """One line when ``exc`` is the refusal an exported libpq variable causes on the app's connections
-    (pgshard's own connections ignore them, the app's driver does not); None otherwise."""
+    (pgshard's own connections ignore them, the app's driver does not), or (``own``) on pgshard's own to a
+    remote server (PGSSLMODE, which they keep there); None otherwise."""
     for current in _chain(exc):
         if not _speaks_for_database(current):
             continue
         sqlstate = getattr(current, "sqlstate", None) or getattr(current, "pgcode", None)
         text = str(current).lower()
         for name, states, phrases in _ENVIRONMENT:
+            if own and name not in _UNPINNED:
+                continue  # pgshard's own connections set it: it cannot be the cause there
             if name in environ and (sqlstate in states or any(phrase in text for phrase in phrases)):
                 shown = "" if name == "PGPASSWORD" else f"={environ[name]}"
+                if own:
+                    return (f"pgshard: {name}{shown} is exported, and libpq applies it to pgshard's connections to "
+                            f"this remote server ({_detail(current, None)}): set sslmode in --pg-url, or unset "
+                            f"{name} for the test run (env -u {name} pytest ...)")
                 return (f"pgshard: {name}{shown} is exported, and libpq applies it to the app's connections "
                         f"({_detail(current, None)}); unset it for the test run (env -u {name} pytest ...): "
                         "pgshard's own connections ignore it")

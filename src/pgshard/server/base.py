@@ -38,6 +38,16 @@ __all__ = ["ServerError", "ServerInfo", "connect", "describe", "mask_url", "own_
 _PINNED = {"host": "", "hostaddr": "", "port": "", "user": "", "dbname": "", "password": "", "options": "",
            "sslmode": "prefer", "target_session_attrs": "any", "application_name": "pgshard"}
 _SERVICE_LOCK = threading.Lock()
+_LOCAL = ("", "127.0.0.1", "localhost", "::1")
+
+
+def _pins(url: str) -> dict[str, str]:
+    """The pins for ``url``. ``sslmode`` only for a server on this machine (the embedded one, a socket): for
+    a remote one an exported ``PGSSLMODE=verify-full`` is a safeguard we must not lower to libpq's default."""
+    host = url_endpoint(make_url(url))[0]
+    if host in _LOCAL or host.startswith("/"):
+        return _PINNED
+    return {k: v for k, v in _PINNED.items() if k != "sslmode"}
 
 # Refusals that no amount of waiting fixes: wrong password or role, missing database, pg_hba.conf.
 # libpq reports connection-time errors as text only (psycopg leaves ``sqlstate`` unset), so we match the
@@ -102,7 +112,7 @@ def own_conninfo(url: str) -> str:
     given = conninfo_to_dict(to_libpq(url))
     if "service" in given:  # the user's own service file says where and who: empty pins would hide its lines
         return make_conninfo(to_libpq(url))
-    return make_conninfo(to_libpq(url), **{k: v for k, v in _PINNED.items() if k not in given})
+    return make_conninfo(to_libpq(url), **{k: v for k, v in _pins(url).items() if k not in given})
 
 
 def own_connect_args(url: str) -> dict[str, str]:
@@ -117,7 +127,7 @@ def own_connect_args(url: str) -> dict[str, str]:
         found = passfile_passwords(passfile) if parsed.password is None and isinstance(passfile, str) else []
         return {"password": found[0]} if found else {}
     given = {*parsed.query, *(("password",) if parsed.password is not None else ())}
-    return {k: v for k, v in _PINNED.items() if k not in given and k not in ("host", "port", "user", "dbname")}
+    return {k: v for k, v in _pins(url).items() if k not in given and k not in ("host", "port", "user", "dbname")}
 
 
 @contextlib.contextmanager
@@ -284,7 +294,11 @@ def connect(url: str, *, autocommit: bool = True, timeout: float = 10) -> psycop
         reason = " ".join(str(exc).split()) or type(exc).__name__
         if "password authentication failed" in reason:
             forget_facts(url)
-        raise ServerError(f"cannot connect to PostgreSQL at {url}: {reason}") from None
+        from pgshard.faults import environment
+
+        steered = environment(exc, os.environ, own=True)  # PGSSLMODE, kept for a remote server: named
+        raise ServerError(steered.removeprefix("pgshard: ") if steered else
+                          f"cannot connect to PostgreSQL at {url}: {reason}") from None
     except psycopg.ProgrammingError as exc:  # a parameter libpq does not know
         raise ServerError(f"cannot connect to PostgreSQL at {url}: {exc}") from None
 
