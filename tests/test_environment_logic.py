@@ -7,7 +7,7 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
 from pgshard.faults import environment
-from pgshard.server.base import own_conninfo, own_connect_args
+from pgshard.server.base import own_connect_args, own_conninfo
 
 LOCAL = "postgresql+psycopg://pgshard@127.0.0.1:5555/postgres?passfile=/x/passfile"
 REMOTE = "postgresql+psycopg://app:pw@db.example.com:5432/postgres"
