@@ -598,14 +598,18 @@ def test_a_lock_whose_holder_record_cannot_be_written_is_held_then_released(tmp_
 
 def test_a_run_waiting_for_another_runs_template_build_says_who_builds_it(
         project: Project, cache: Path, tmp_path: Path) -> None:
-    started = tmp_path / "build-started"
+    """The build holds on until the waiting run has said who builds (a condition, not a time: under load a
+    run's start-up alone can take longer than any fixed sleep), then finishes; the waiter says it once."""
+    started, release = tmp_path / "build-started", tmp_path / "release-the-build"
     project.pytester.makepyfile(slow_seed=f'''
         import time
         from pathlib import Path
 
         def main(url):
             Path({str(started)!r}).touch()
-            time.sleep(8)
+            deadline = time.monotonic() + 600
+            while not Path({str(release)!r}).exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
     ''')
     project.pytester.makeini("[pytest]\npgshard_migrate =\n    alembic:alembic.ini\n    python:slow_seed:main\n"
                              "pythonpath = .\n")
@@ -614,14 +618,23 @@ def test_a_run_waiting_for_another_runs_template_build_says_who_builds_it(
     command = [sys.executable, "-m", "pytest", "-p", "no:randomly", "-p", "no:cacheprovider"]
     builder = subprocess.Popen(command, cwd=project.root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True)
+    waiter_log = tmp_path / "waiter.log"
     try:
         wait_until(started.exists, 180, "the first run's template build starting")
-        waiter = subprocess.run(command, cwd=project.root, env=env, capture_output=True, text=True, timeout=600,
-                                check=False)
-        said = [line for line in (waiter.stdout + waiter.stderr).splitlines() if "waiting for pid" in line]
-        assert waiter.returncode == 0, waiter.stdout[-3000:]
+        with waiter_log.open("w") as log:
+            waiter = subprocess.Popen(command, cwd=project.root, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                      text=True)
+        try:
+            wait_until(lambda: "waiting for pid" in waiter_log.read_text(), 300, "the waiting run saying who builds")
+        finally:
+            release.touch()
+            waiter.wait(timeout=600)
+        text = waiter_log.read_text()
+        said = [line for line in text.splitlines() if "waiting for pid" in line]
+        assert waiter.returncode == 0, text[-3000:]
         assert len(said) == 1
         assert f"waiting for pid {builder.pid} (checking or building template pgshard_tpl_" in said[0]
     finally:
+        release.touch()
         out, _ = builder.communicate(timeout=600)
     assert builder.returncode == 0, out[-3000:]
