@@ -169,6 +169,11 @@ def test_a_template_lock_path_that_is_a_directory_is_one_line(pg_server: ServerI
     (psycopg.OperationalError("connection failed: Connection refused\n\tIs the server running on that host?"),
      "died"),
     (ConnectionRefusedError(111, "Connection refused"), "died"),  # asyncpg's connect raises the builtin
+    # the moments of a crash recovery, as libpq reports them at connect time (no SQLSTATE)
+    (psycopg.OperationalError("connection failed: FATAL:  the database system is not yet accepting connections\n"
+                              "DETAIL:  Consistent recovery state has not been yet reached."), "died"),
+    (psycopg.OperationalError("connection failed: FATAL:  the database system is starting up"), "died"),
+    (psycopg.errors.DataCorrupted('invalid page in block 0 of relation base/16396/16386'), "corrupt"),
     (ConnectionError("redis: Connection refused"), None),  # another service's words are not the database's
     (ValueError("permission denied to create database"), None),
 ])

@@ -25,7 +25,8 @@ _RULES: tuple[tuple[str, frozenset[str], tuple[str, ...]], ...] = (
                                                  "index contains unexpected zero page")),
     ("died", frozenset({"57P01", "57P02", "57P03"}), (
         "connection refused", "server closed the connection unexpectedly", "the database system is shutting down",
-        "the database system is in recovery mode", "terminating connection due to", "is the server running",
+        "the database system is in recovery mode", "the database system is not yet accepting connections",
+        "the database system is starting up", "terminating connection due to", "is the server running",
         "no such file or directory\n\tis the server", "consuming input failed", "the connection is closed",
         "connection was closed in the middle of operation")),
 )
