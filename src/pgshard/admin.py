@@ -16,7 +16,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pgshard.host import host_identity, identity_alive, process_identity
 from pgshard.server.base import ServerError, connect
@@ -165,20 +165,20 @@ class Admin:
             where, arg = "d.datname LIKE %s", _like_escape(self.prefix + "_") + "%"
         else:
             where, arg = "d.datname = %s", name
-        rows = self.conn.execute(
+        rows = self._read(
             f"""SELECT d.datname, shobj_description(d.oid, 'pg_database'), d.datistemplate, d.datallowconn,
                       {size}, (SELECT count(*) FROM pg_stat_activity a WHERE a.datid = d.oid)
                FROM pg_database d WHERE {where} ORDER BY d.datname""",
             (arg,),
-        ).fetchall()
+        )
         return [DatabaseInfo(r[0], Marker.parse(r[1]), r[2], r[3], int(r[4]), int(r[5])) for r in rows]
 
     def others(self) -> set[str]:
         """The names of the databases on this server outside pgshard's namespace and the maintenance ones."""
-        rows = self.conn.execute(
+        rows = self._read(
             "SELECT datname FROM pg_database WHERE datname NOT LIKE %s "
             "AND datname NOT IN ('postgres', 'template0', 'template1')", (_like_escape(self.prefix + "_") + "%",),
-        ).fetchall()
+        )
         return {str(r[0]) for r in rows}
 
     def info(self, name: str) -> DatabaseInfo | None:
@@ -186,12 +186,22 @@ class Admin:
         return found[0] if found else None
 
     def exists(self, name: str) -> bool:
-        return self.conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone() is not None
+        return bool(self._read("SELECT 1 FROM pg_database WHERE datname = %s", (name,)))
 
     def setting(self, name: str) -> str:
-        row = self.conn.execute("SELECT current_setting(%s)", (name,)).fetchone()
-        assert row is not None
-        return str(row[0])
+        return str(self._read("SELECT current_setting(%s)", (name,))[0][0])
+
+    def _read(self, query: str, params: tuple[object, ...]) -> list[tuple[Any, ...]]:
+        """A read (nothing it does can be half done): once more on a new connection when the server ended this
+        one meanwhile (a test that terminated every other backend, while this process had nothing to do)."""
+        from psycopg import OperationalError
+
+        try:
+            return self.conn.execute(query, params).fetchall()
+        except OperationalError:
+            if not self.lost():
+                raise
+        return self.conn.execute(query, params).fetchall()
 
     # -- writing (our databases only) ----------------------------------------------------------
     def _ours(self, name: str) -> DatabaseInfo:
