@@ -174,12 +174,20 @@ class Admin:
         return [DatabaseInfo(r[0], Marker.parse(r[1]), r[2], r[3], int(r[4]), int(r[5])) for r in rows]
 
     def others(self) -> set[str]:
-        """The names of the databases on this server outside pgshard's namespace and the maintenance ones."""
+        """The names of the databases on this server outside pgshard's namespace and the maintenance ones that
+        no pgshard made: another prefix's runs (another project sharing the server) mark theirs, or noted them
+        in the same cache dir while their marker is not written yet."""
         rows = self._read(
             "SELECT datname FROM pg_database WHERE datname NOT LIKE %s "
-            "AND datname NOT IN ('postgres', 'template0', 'template1')", (_like_escape(self.prefix + "_") + "%",),
+            "AND datname NOT IN ('postgres', 'template0', 'template1') "
+            "AND coalesce(shobj_description(oid, 'pg_database'), '') NOT LIKE %s",
+            (_like_escape(self.prefix + "_") + "%", _like_escape(MARKER_PREFIX) + "%"),
         )
-        return {str(r[0]) for r in rows}
+        names = {str(r[0]) for r in rows}
+        if self.intents is not None and names:
+            with contextlib.suppress(OSError):
+                names -= {path.name for path in self.intents.iterdir()}
+        return names
 
     def info(self, name: str) -> DatabaseInfo | None:
         found = self.databases(name)
