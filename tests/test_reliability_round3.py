@@ -8,7 +8,6 @@ made read-only, a migration that sleeps past the build timeout.
 
 from __future__ import annotations
 
-import os
 import secrets
 import subprocess
 import uuid
@@ -21,6 +20,7 @@ import pytest
 from pgshard.server.base import to_libpq
 from pgshard.server.embedded import EmbeddedServer
 from tests.conftest import Project, remove_cache
+from tests.plugin.test_faults import _postmasters_of
 
 SCHEMA = """
 CREATE TABLE item (id serial PRIMARY KEY, note text NOT NULL);
@@ -150,21 +150,6 @@ def test_item(i, db_session):
         shutil.rmtree(os.environ["PGSHARD_CACHE_DIR"], ignore_errors=True)
     assert db_session.execute(text("SELECT 1")).scalar() == 1
 '''
-
-
-def _postmasters_of(cache: Path) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                argv = (entry / "cmdline").read_bytes().split(b"\0")
-                state = (entry / "stat").read_text().rpartition(")")[2].split()[0]
-            except OSError:
-                continue
-            if argv and Path(os.fsdecode(argv[0])).name == "postgres" and str(cache).encode() in b" ".join(argv) \
-                    and state != "Z":
-                found.append(int(entry.name))
-    return found
 
 
 def test_the_cache_dir_deleted_mid_run_is_one_line_and_its_server_is_stopped(

@@ -280,9 +280,8 @@ class Admin:
             with contextlib.suppress(Exception):
                 found = self.info(name) if _NAME.match(name) and self.in_namespace(name) else None
                 if found is not None and found.marker is None:
-                    self.mark(name, Marker("clone", "abandoned", pid=int(identity.split(":")[0])))
-                    if self.drop(name, force=True):
-                        dropped.append(name)
+                    self.discard(name)  # claimed on the note's proof, then dropped like any of ours
+                    dropped.append(name)
                 path.unlink(missing_ok=True)
         return dropped
 
