@@ -251,12 +251,13 @@ def test_a_running_step_says_so_every_interval_and_is_killed_with_its_children_a
 
     said: list[str] = []
     script = f"sleep 3600 & echo $! > {tmp_path}/child; wait"
-    with watching(Watch(timeout=1.5, progress=said.append, every=0.4)), \
+    # ticks every 0.25 s for 5 s: at least two of them before the deadline even on a machine that stalls us
+    with watching(Watch(timeout=5, progress=said.append, every=0.25)), \
             pytest.raises(MigrationError, match=r"step 'command:seed' failed: did not finish within "
-                                                r"pgshard_build_timeout \(1.5 s\)"):
+                                                r"pgshard_build_timeout \(5 s\)"):
         run_watched(["sh", "-c", script], lambda: "command:seed")
     assert len(said) >= 2 and all("step 'command:seed' running for" in line for line in said), said
-    assert "(pgshard_build_timeout 1.5 s)" in said[0]
+    assert "(pgshard_build_timeout 5 s)" in said[0]
     child = int((tmp_path / "child").read_text())
     from pgshard.leases import wait_for
 
