@@ -312,11 +312,11 @@ class Admin:
         from psycopg import errors
 
         try:
-            row = self.conn.execute("SELECT (pg_stat_file('base/' || oid, true)).isdir FROM pg_database "
-                                    "WHERE datname = %s", (name,)).fetchone()
+            rows = self._read("SELECT (pg_stat_file('base/' || oid, true)).isdir FROM pg_database "
+                              "WHERE datname = %s", (name,))
         except errors.InsufficientPrivilege:
             return False
-        return row is not None and row[0] is None
+        return bool(rows) and rows[0][0] is None
 
     def mark(self, name: str, marker: Marker) -> None:
         from psycopg import sql
