@@ -145,7 +145,7 @@ def install_peers(chosen: list[Contender], work_dir: Path) -> tuple[list[Contend
 
 
 # Serial runs of every kind of isolation (and of none): each is checked with the probes in a shuffled order.
-ISOLATION = ("bare", "pgshard", "pytest_postgresql", "sqla", "sa_alembic", "sa_alembic_recipe", "pglite")
+ISOLATION = ("bare", "pgshard", "per_worker", "pytest_postgresql", "sqla", "sa_alembic", "sa_alembic_recipe", "pglite")
 SEED = 20261126
 
 
@@ -184,7 +184,8 @@ def profile(args: argparse.Namespace) -> int:
         _prepare(contender, bench, dirs)
         result = run(contender, bench, real if contender.real and real else project, dirs, args.subset, 1,
                      profile=out, peers=peers)
-    print(f"{contender.name}: {result.wall:.2f} s under cProfile (pytest's own process only); profile in {out}")
+    print(f"{contender.name}: {result.wall:.2f} s wall, under cProfile on the CPU clock (pytest's own process "
+          f"only); profile in {out}")
     pstats.Stats(str(out)).sort_stats("cumulative").print_stats(args.top)
     return 0 if result.ok else 1
 

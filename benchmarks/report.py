@@ -37,6 +37,7 @@ class Stat:
     round_walls: list[tuple[int, float]] = field(default_factory=list)  # (round, wall) of the good runs
     round_steady: list[tuple[int, float]] = field(default_factory=list)  # (round, in-run ms per test)
     within_noise: bool = False  # its in-run overhead cannot be told apart from bare's (see summarise)
+    cpu_overhead_ms: float | None = None  # per test, CPU of the pytest processes vs bare's in the same round
     peak_rss_mb: float | None = None  # median peak resident memory of the process tree (pytest, workers, server
     # processes the run started itself; not the shared server)
 
@@ -75,6 +76,10 @@ def summarise(contenders: list[Contender], results: list[RunResult]) -> dict[str
         by_round = {r.round: r.wall for r in results if r.name == base.name and r.ok}
         paired = [r.wall - by_round[r.round] for r in results if r.name == c.name and r.ok and r.round in by_round]
         stat.overhead_ms = _median(paired) / stat.tests * 1000 if paired else None
+        cpu_by_round = {r.round: r.cpu for r in results if r.name == base.name and r.ok}
+        cpu_paired = [r.cpu - cpu_by_round[r.round] for r in results
+                      if r.name == c.name and r.ok and r.round in cpu_by_round]
+        stat.cpu_overhead_ms = _median(cpu_paired) / stat.tests * 1000 if cpu_paired else None
         stat.inrun_overhead_ms = stat.inrun_ms - base.inrun_ms
         base_steady = dict(base.round_steady)
         per_round = [ms - base_steady[r] for r, ms in stat.round_steady if r in base_steady]
@@ -194,10 +199,11 @@ def overhead_table(stats: dict[str, Stat], names: list[str]) -> list[str]:
         elif ref is not None and ref.within_noise and name != "pgshard":
             compared = f"pgshard is {NOISE}"
         else:
-            compared = "" if ratio is None else f"{ratio:,.0f}x"
-        rows.append([s.label, str(s.tests), _f(s.inrun_overhead_ms, 2), _f(s.overhead_ms, 2), _f(s.wall), compared])
-    return _table(["contender", "tests", "overhead ms/test (in-run)", "overhead ms/test (wall)", "wall s",
-                   "vs pgshard (in-run)"], rows)
+            compared = "" if ratio is None else f"{ratio:.2f}x" if ratio < 10 else f"{ratio:,.0f}x"
+        rows.append([s.label, str(s.tests), _f(s.inrun_overhead_ms, 2), _f(s.overhead_ms, 2),
+                     _f(s.cpu_overhead_ms, 2), _f(s.wall), compared])
+    return _table(["contender", "tests", "overhead ms/test (in-run)", "overhead ms/test (wall)",
+                   "CPU ms/test over bare", "wall s", "vs pgshard (in-run)"], rows)
 
 
 def wall_table(stats: dict[str, Stat], names: list[str], ref: str, delta: bool = False) -> list[str]:
@@ -219,9 +225,11 @@ def wall_table(stats: dict[str, Stat], names: list[str], ref: str, delta: bool =
 
 
 SECTIONS: list[tuple[str, str, list[str], str | None]] = [
+    ("Per-test floor: pgshard against the hand-written per-worker conftest (SQLAlchemy's recipe)", "overhead",
+     ["pgshard", "pgshard_before", "per_worker"], None),
     ("Per-test overhead of isolation strategies and peers", "overhead",
-     ["pgshard", "sa_alembic_recipe", "sqla", "pglite", "pytest_postgresql", "truncate", "drop_create", "clone",
-      "blog_recipe", "sa_alembic"], None),
+     ["pgshard", "per_worker", "sa_alembic_recipe", "sqla", "pglite", "pytest_postgresql", "truncate",
+      "drop_create", "clone", "blog_recipe", "sa_alembic"], None),
     ("Peers: whole suite, serial", "wall",
      ["bare", "pgshard", "sa_alembic", "sa_alembic_recipe", "sqla", "pglite", "pytest_postgresql"], "pgshard"),
     ("Peers: whole suite, -n 2", "wall",
@@ -231,8 +239,8 @@ SECTIONS: list[tuple[str, str, list[str], str | None]] = [
      ["bare_one", "start_warm_server", "start_warm_url", "sa_alembic_one", "sa_alembic_recipe_one", "sqla_one",
       "pglite_one", "pytest_postgresql_one"], "bare_one"),
     ("Whole suite, serial, end to end", "wall", ["bare", "pgshard", "pytest_postgresql"], "pgshard"),
-    ("Parallel: -n 2 / -n auto", "wall", ["pgshard", "pgshard_n2", "pgshard_nauto", "bare", "bare_n2"],
-     "pgshard"),
+    ("Parallel: -n 2 / -n auto", "wall", ["pgshard", "pgshard_n2", "pgshard_n2_embedded", "pgshard_nauto",
+                                          "per_worker_n2", "bare", "bare_n2"], "pgshard"),
     ("Parallel with 10 ms of work per test", "wall", ["work_serial", "work_n2", "work_bare_serial", "work_bare_n2"],
      "work_serial"),
     ("db_commit tests: pre-warmed pool vs a naive clone per test", "wall", ["commit_pool", "commit_naive"],
@@ -303,7 +311,7 @@ def chart(stats: dict[str, Stat], path: Path) -> bool:
     import matplotlib.pyplot as plt
 
     panels = [("per-test overhead (in-run), ms, log scale",
-               [(s.label, s.inrun_overhead_ms) for n in SECTIONS[0][2]
+               [(s.label, s.inrun_overhead_ms) for n in SECTIONS[1][2]
                 if (s := stats.get(n)) and s.inrun_overhead_ms and s.inrun_overhead_ms > 0], True)]
     for title, _, names, _ in SECTIONS[1:]:
         bars = [(s.label, s.wall) for n in names if (s := stats.get(n)) and s.walls]

@@ -85,7 +85,7 @@ def selection_args(contender: Contender, project: Project, subset: int) -> tuple
 
 def command(contender: Contender, bench: Bench, selection: list[str], profile: Path | None = None,
             peers: Peers | None = None, shuffle: int | None = None) -> list[str]:
-    profiler = ["-m", "cProfile", "-o", str(profile)] if profile else []
+    profiler = ["-m", "benchmarks.cpuprofile", str(profile)] if profile else []  # CPU clock: waits are not work
     python = str(peers.python) if contender.peer and peers else sys.executable
     order = ["-p", "randomly", f"--randomly-seed={shuffle}"] if shuffle is not None else ["-p", "no:randomly"]
     args = [python, *profiler, "-m", "pytest", "-q", *order, "-p", "benchmarks.timer"]

@@ -16,11 +16,12 @@ from pathlib import Path
 from pgshard.host import default_cache_dir
 
 REPO = Path(__file__).resolve().parent.parent
-CHEAP = ["bare", "pgshard", "truncate", "drop_create", "clone", "commit_pool", "commit_naive"]
+CHEAP = ["bare", "pgshard", "per_worker", "truncate", "drop_create", "clone", "commit_pool", "commit_naive"]
 PEERS = ["pytest_postgresql", "sqla", "sa_alembic", "sa_alembic_recipe", "pglite"]
 STARTUP = ["bare_one", "start_warm_server", "bare_four_n2", "start_n2_server"]
 # What each contender's isolation is documented to be: the probes (run shuffled) must agree.
-ISOLATES = {"bare": False, "pgshard": True, "pytest_postgresql": True, "sqla": True, "sa_alembic": False,
+ISOLATES = {"bare": False, "pgshard": True, "per_worker": True, "pytest_postgresql": True, "sqla": True,
+            "sa_alembic": False,
             "sa_alembic_recipe": True, "pglite": True}
 
 
@@ -58,9 +59,10 @@ def test_benchmark_harness_runs_every_contender_that_installs_on_a_tiny_suite(tm
     assert all(run["passed"] == run["expected"] > 0 for run in data["runs"])
     assert {run["expected"] for run in data["runs"] if run["name"] == "pgshard"} == {6}
     assert {run["expected"] for run in data["runs"] if run["name"] == "truncate"} == {3}
-    for name in ("pgshard", "truncate", "drop_create", "clone"):  # each measured against bare on its tests
+    for name in ("pgshard", "per_worker", "truncate", "drop_create", "clone"):  # against bare on its tests
         assert isinstance(stats[name]["inrun_overhead_ms"], float), name
         assert isinstance(stats[name]["overhead_ms"], float), name
+        assert isinstance(stats[name]["cpu_overhead_ms"], float), name  # CPU time beside wall time
     # Rebuilding the schema per test must cost more than a savepoint, whatever the noise of a tiny run.
     assert stats["drop_create"]["inrun_overhead_ms"] > stats["pgshard"]["inrun_overhead_ms"]
 

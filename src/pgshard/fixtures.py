@@ -116,16 +116,45 @@ def pg_engine(pg_database: Database) -> Iterator[Engine]:
 
 
 # -- fixtures: per-test isolation ------------------------------------------------------------------------
+# What a test's fixtures look up again and again is looked up once per process: the objects the ini names
+# (imported once), the app's engine and pgshard's, and whether the app is async. A test pays for a fixture
+# layer (pytest's own cost, about 0.1 ms each) only where it asks for the feature behind it.
+_LOOKED_UP = pytest.StashKey[dict[str, Any]]()
+COMMIT_TEST = pytest.StashKey[bool]()  # set by plugin.py at collection on every db_commit item
+
+
+def _looked_up(request: pytest.FixtureRequest) -> dict[str, Any]:
+    found = request.config.stash.get(_LOOKED_UP, None)
+    if found is None:
+        found = request.config.stash[_LOOKED_UP] = {}
+    return found
+
+
 def _app_object(request: pytest.FixtureRequest, option: str) -> Any:
-    settings = _run(request).settings
-    target = getattr(settings, option)
-    if not target:
-        return None
-    return _session_step(request, lambda: import_object(target, f"pgshard_{option}"))  # it fails alike for all
+    found = _looked_up(request)
+    if option not in found:
+        target = getattr(_run(request).settings, option)
+        # it fails alike for all: one line, and the session stops
+        found[option] = _session_step(request, lambda: import_object(target, f"pgshard_{option}")) if target else None
+    return found[option]
+
+
+def _session_value(request: pytest.FixtureRequest, name: str) -> Any:
+    """A session fixture's value, fetched through pytest once per process (a failure is not kept: pytest
+    keeps it and raises it again)."""
+    found = _looked_up(request)
+    if name not in found:
+        found[name] = request.getfixturevalue(name)
+    return found[name]
+
+
+def is_commit_test(node: Any) -> bool:
+    return node.stash.get(COMMIT_TEST, False) or (COMMIT_TEST not in node.stash
+                                                   and node.get_closest_marker("db_commit") is not None)
 
 
 def _refuse_in_commit_test(request: pytest.FixtureRequest, fixture: str) -> None:
-    if request.node.get_closest_marker("db_commit") is not None:
+    if is_commit_test(request.node):
         pytest.fail(f"pgshard: {fixture} wraps the test in a transaction that is rolled back, which a db_commit "
                     "test opted out of: use commit_db (its .engine) or the app's own sessionmaker instead",
                     pytrace=False)
@@ -152,11 +181,15 @@ def _pgshard_app_engine(request: pytest.FixtureRequest, pg_database: Database) -
 
 def _app_is_async(request: pytest.FixtureRequest) -> bool:
     """An async app: an async engine or sessionmaker, or an async get_db (its requests want an AsyncSession)."""
-    engine = request.getfixturevalue("_pgshard_app_engine")
-    maker = _app_object(request, "sessionmaker")
-    get_db = _app_object(request, "get_db")
-    return (is_async_engine(engine) or (maker is not None and is_async_maker(maker))
-            or (get_db is not None and is_async_callable(get_db)))
+    found = _looked_up(request)
+    if "is_async" not in found:
+        engine = _session_value(request, "_pgshard_app_engine")
+        maker = _app_object(request, "sessionmaker")
+        get_db = _app_object(request, "get_db")
+        found["is_async"] = (is_async_engine(engine) or (maker is not None and is_async_maker(maker))
+                             or (get_db is not None and is_async_callable(get_db)))
+    is_async: bool = found["is_async"]
+    return is_async
 
 
 _CLIENTS_AND_SESSIONS = {"client", "async_client", "db_session", "db_connection"}
@@ -165,7 +198,7 @@ _CLIENTS_AND_SESSIONS = {"client", "async_client", "db_session", "db_connection"
 def _refuse_unshared(request: pytest.FixtureRequest, fixture: str) -> None:
     """Fixtures of one test must share one connection, or a test would silently see nothing of what
     another wrote: where that cannot be, fail at setup with the fixture to use instead."""
-    if request.node.get_closest_marker("db_commit") is not None:
+    if is_commit_test(request.node):
         return
     advice = None
     if _app_is_async(request):
@@ -180,6 +213,32 @@ def _refuse_unshared(request: pytest.FixtureRequest, fixture: str) -> None:
         pytest.fail(f"pgshard: {advice}", pytrace=False)
 
 
+_TEST_CONNECTION = pytest.StashKey[Any]()  # the test's sandboxed connection, while it is open
+
+
+@contextlib.contextmanager
+def _test_connection(request: pytest.FixtureRequest) -> Iterator[Any]:
+    """The test's one connection from the app's own engine (pgshard's when it has none), inside an outer
+    transaction rolled back at the end, with the app's sessionmaker bound to it in savepoint mode; made by
+    whichever of db_connection and db_session comes first, and shared by the other."""
+    shared = request.node.stash.get(_TEST_CONNECTION, None)
+    if shared is not None:
+        yield shared
+        return
+    engine = _session_value(request, "_pgshard_app_engine")
+    if engine is None or is_async_engine(engine):
+        engine = _session_value(request, "pg_engine")
+    maker = _app_object(request, "sessionmaker")
+    with sandbox(engine) as box, contextlib.ExitStack() as stack:
+        if maker is not None and not is_async_maker(maker):
+            stack.enter_context(rebind(maker, bind=box.connection, join_transaction_mode="create_savepoint"))
+        request.node.stash[_TEST_CONNECTION] = box.connection
+        try:
+            yield box.connection
+        finally:
+            del request.node.stash[_TEST_CONNECTION]
+
+
 @pytest.fixture
 def db_connection(request: pytest.FixtureRequest) -> Iterator[Any]:
     """The test's connection from the app's own engine (pgshard's when it has none), inside an outer
@@ -187,16 +246,8 @@ def db_connection(request: pytest.FixtureRequest) -> Iterator[Any]:
     the test, in savepoint mode."""
     _refuse_in_commit_test(request, "db_connection")
     _refuse_unshared(request, "db_connection")
-    engine = request.getfixturevalue("_pgshard_app_engine")
-    if engine is None or is_async_engine(engine):
-        engine = request.getfixturevalue("pg_engine")
-    maker = _app_object(request, "sessionmaker")
-    with sandbox(engine) as box:
-        if maker is not None and not is_async_maker(maker):
-            with rebind(maker, bind=box.connection, join_transaction_mode="create_savepoint"):
-                yield box.connection
-        else:
-            yield box.connection
+    with _test_connection(request) as connection:
+        yield connection
 
 
 @pytest.fixture
@@ -204,15 +255,18 @@ def db_session(request: pytest.FixtureRequest) -> Iterator[Session]:
     """A Session on the test's connection: the app's commit() releases a savepoint; all rolled back after.
     With an async app (in a sync test) it runs on the app's async connection, which the client shares."""
     _refuse_in_commit_test(request, "db_session")
-    _refuse_unshared(request, "db_session")
     if _app_is_async(request):
+        _refuse_unshared(request, "db_session")
         box: AsyncSandbox = request.getfixturevalue("_pgshard_async_sandbox")
         session = box.sync_session(expire_on_commit=False)
-    else:
-        connection = request.getfixturevalue("db_connection")
+        yield session
+        session.close()
+        return
+    # a sync app: nothing to refuse (only async_db_session is refused there, by itself)
+    with _test_connection(request) as connection:
         session = Session(bind=connection, join_transaction_mode="create_savepoint", expire_on_commit=False)
-    yield session
-    session.close()
+        yield session
+        session.close()
 
 
 _ASYNC_DRIVERS = {"psycopg": "postgresql+psycopg_async", "asyncpg": "postgresql+asyncpg"}
@@ -224,7 +278,7 @@ def _async_engine(request: pytest.FixtureRequest, database: Database) -> Any:
     from sqlalchemy.engine import make_url
     from sqlalchemy.pool import NullPool
 
-    engine = request.getfixturevalue("_pgshard_app_engine")
+    engine = _session_value(request, "_pgshard_app_engine")
     settings = _run(request).settings
     if is_async_engine(engine):
         if "async_driver" not in settings.explicit or engine.dialect.driver == settings.async_driver:
@@ -298,9 +352,11 @@ def query_counter() -> Iterator[QueryCounter]:
 
 
 # -- db_commit --------------------------------------------------------------------------------------------
-@pytest.fixture(autouse=True)
+@pytest.fixture
 def _pgshard_db_commit(request: pytest.FixtureRequest) -> Iterator[None]:
-    if request.node.get_closest_marker("db_commit") is None:
+    """A db_commit test's clone, with the app's engines and sessionmaker pointed at it. Not autouse: plugin.py
+    puts it first among the function-scoped fixtures of each db_commit test, so no other test pays for it."""
+    if not is_commit_test(request.node):
         yield
         return
     run = _run(request)
@@ -439,14 +495,14 @@ def _note_once(request: pytest.FixtureRequest, text: str) -> None:
         notes.append(text)
 
 
-@pytest.fixture(autouse=True)
 def _pgshard_app_requests(request: pytest.FixtureRequest) -> Iterator[None]:
     """With pgshard_app and pgshard_get_db set, every request the app serves during a test gets the test's
     sandboxed session, also through a TestClient or httpx client the suite's own conftest builds: the
     override is read at each request, so a module-scoped ``with TestClient(app) as c`` is reached too. The
-    session is made at the first request (a test that sends none pays one dict entry)."""
+    session is made at the first request (a test that sends none pays one dict entry). Autouse only where
+    both are set (AppRequests, which plugin.py registers then)."""
     settings = _run(request).settings
-    if not (settings.app and settings.get_db) or request.node.get_closest_marker("db_commit") is not None:
+    if not (settings.app and settings.get_db) or is_commit_test(request.node):
         yield
         return
     app, get_db = _app(request), _app_object(request, "get_db")
@@ -470,6 +526,15 @@ def _pgshard_app_requests(request: pytest.FixtureRequest) -> Iterator[None]:
             _note_once(request, f"the suite replaces pgshard's override of {settings.get_db} with its own ({name}): "
                        "its requests use that function's sessions; set pgshard_sessionmaker to the sessionmaker "
                        "it uses, so that they join the test's transaction")
+
+
+class AppRequests:
+    """The plugin plugin.py registers when pgshard_app and pgshard_get_db are both set: it makes
+    ``_pgshard_app_requests`` autouse there, and only there."""
+
+    @pytest.fixture(autouse=True, name="_pgshard_app_requests")
+    def app_requests(self, request: pytest.FixtureRequest) -> Iterator[None]:
+        yield from _pgshard_app_requests(request)
 
 
 def _one_loop_client(app: Any, base_url: str, engine: Any, make: Callable[..., Any], lifespan: bool) -> Iterator[Any]:

@@ -19,9 +19,10 @@ import pytest
 
 from pgshard import redirect
 from pgshard.fixtures import (  # noqa: F401  (re-exported: pytest collects fixtures from the plugin module)
+    COMMIT_TEST,
     RUN,
+    AppRequests,
     _pgshard_app_engine,
-    _pgshard_app_requests,
     _pgshard_async_sandbox,
     _pgshard_db_commit,
     async_client,
@@ -192,6 +193,8 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[WORKER_STATS] = []
     if workerinput is None:
         config.pluginmanager.register(_CommitTests(run), "pgshard-commit-tests")
+    if run.settings.app and run.settings.get_db:
+        config.pluginmanager.register(AppRequests(), "pgshard-app-requests")
     if config.pluginmanager.hasplugin("xdist"):
         config.pluginmanager.register(_XdistHooks(config), "pgshard-xdist")
     if run.settings.shard or run.settings.store_durations:
@@ -241,9 +244,29 @@ class _XdistHooks:
 
 
 
+@pytest.hookimpl(trylast=True)  # after the project's own hooks, which may mark tests db_commit
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Each db_commit test gets its clone's fixture first among its function-scoped fixtures (where an
+    autouse one of ours would be), and no other test gets it: a test pays only for what it uses."""
     run = config.stash[RUN]
-    run.wants_commit_pool = any(item.get_closest_marker("db_commit") for item in items)
+    run.wants_commit_pool = False
+    for item in items:
+        commit = item.stash[COMMIT_TEST] = item.get_closest_marker("db_commit") is not None
+        names = getattr(item, "fixturenames", None)
+        run.wants_commit_pool |= commit
+        if commit and isinstance(names, list):  # there already when the test asks for commit_db: moved up
+            with contextlib.suppress(ValueError):
+                names.remove("_pgshard_db_commit")
+            names.insert(_first_function_scoped(item, names), "_pgshard_db_commit")
+
+
+def _first_function_scoped(item: pytest.Item, names: list[str]) -> int:
+    definitions = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
+    for index, name in enumerate(names):
+        found = definitions.get(name)
+        if found and getattr(found[-1], "scope", "function") == "function":
+            return index
+    return len(names)
 
 
 @pytest.hookimpl(tryfirst=True)  # before the runner sets up any fixture of the first test

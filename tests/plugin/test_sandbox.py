@@ -361,3 +361,63 @@ def test_an_async_app_stays_in_the_sandbox(pytester: pytest.Pytester) -> None:
                 assert conn.execute(text("SELECT name FROM thing")).scalars().all() == ["c"]
     '''))
     run(pytester, "-p", "no:asyncio").assert_outcomes(passed=4)
+
+
+def test_a_test_carries_only_the_fixture_layers_of_the_features_it_uses(pytester: pytest.Pytester) -> None:
+    """Issue 18: each fixture layer costs pytest about 0.1 ms a test. The db_commit layer is on db_commit
+    tests only, placed first among their function-scoped fixtures (where the suite's own fixtures already see
+    the clone); the app-requests layer only where pgshard_app and pgshard_get_db are set; and what db_session
+    and db_connection look up (the app's engine, its sessionmaker) is looked up once per process."""
+    pytester.makepyfile(app=APP)
+    pytester.makeini(INI.replace("pgshard_app = app:app\npgshard_get_db = app:get_db\n", "") % "")
+    pytester.makeconftest(textwrap.dedent('''
+        import pytest
+        import app
+
+        @pytest.fixture
+        def suites_own():  # a db_commit test's own fixture lands on its clone already
+            with app.engine.connect() as connection:
+                return connection.exec_driver_sql("SELECT current_database()").scalar()
+
+        def pytest_collection_modifyitems(items):  # a project's hook marking tests: seen, since ours runs last
+            for item in items:
+                if "marked_by_hook" in item.name:
+                    item.add_marker(pytest.mark.db_commit)
+    '''))
+    pytester.makepyfile(test_layers=textwrap.dedent('''
+        import pytest
+        from sqlalchemy import text
+        import app
+
+        def test_plain(request, db_session, db_connection):
+            assert "_pgshard_db_commit" not in request.fixturenames
+            assert "_pgshard_app_requests" not in request.fixturenames
+            assert db_session.connection().connection.dbapi_connection is db_connection.connection.dbapi_connection
+            assert app.SessionLocal.kw["bind"] is db_connection  # the app's sessionmaker joins the test
+
+        @pytest.mark.db_commit
+        def test_commit(request, suites_own, commit_db):
+            names = request.fixturenames
+            assert names.index("_pgshard_db_commit") < names.index("suites_own")
+            assert suites_own == commit_db.name
+
+        def test_marked_by_hook(request, suites_own, commit_db):
+            assert suites_own == commit_db.name
+
+        def test_plain_again(db_session):
+            assert db_session.execute(text("SELECT 1")).scalar() == 1
+    '''))
+    run(pytester, "-n", "2").assert_outcomes(passed=4)
+    run(pytester).assert_outcomes(passed=4)
+    pytester.makeini(INI % "")  # with the app's requests configured, the layer is there, on plain tests only
+    pytester.makepyfile(test_layers=textwrap.dedent('''
+        import pytest
+
+        def test_plain(request):
+            assert "_pgshard_app_requests" in request.fixturenames
+
+        @pytest.mark.db_commit
+        def test_commit(request, client):
+            assert client.post("/things/x").status_code == 201
+    '''))
+    run(pytester).assert_outcomes(passed=2)
