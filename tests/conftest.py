@@ -36,6 +36,16 @@ def pytest_configure(config: pytest.Config) -> None:
         base = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(config.rootpath) / ".pgshard-cache"
         checkout = hashlib.sha256(str(Path(config.rootpath).resolve()).encode()).hexdigest()[:8]
         os.environ["PGSHARD_CACHE_DIR"] = str(base / f"pgshard-tests-{os.getuid()}-{checkout}")
+    # pgshard read its settings before this conftest was imported: a serial run's own server (started lazily,
+    # by pg_server) must use this cache dir too, not the machine-wide default other projects share
+    import dataclasses
+
+    from pgshard.fixtures import RUN
+
+    run = config.stash.get(RUN, None)
+    cache = Path(os.environ["PGSHARD_CACHE_DIR"])
+    if run is not None and run.server is None and run.settings.cache_dir != cache:
+        run.settings = dataclasses.replace(run.settings, cache_dir=cache)
 
 
 @pytest.fixture(autouse=True)

@@ -16,7 +16,7 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.pool import NullPool
 
 from pgshard.admin import Admin, Marker, NotOurs
-from pgshard.clones import Clones, clone_strategy, drop_stale, stale_databases
+from pgshard.clones import Clones, clone_method, drop_stale, stale_databases
 from pgshard.host import host_identity, process_identity
 from pgshard.migrate import MigrationError, parse_migrators
 from pgshard.queries import QueryCounter
@@ -238,7 +238,7 @@ def test_commit_pool_hands_out_fresh_distinct_clones(admin: Admin, pg_server: Se
         clones.give_back(db)
     clones.close()
     assert [db.name for db in admin.databases() if "_gw3" in db.name] == []
-    assert clone_strategy(pg_server) == ("WAL_LOG" if pg_server.fsync else "FILE_COPY")
+    assert clone_method(pg_server).strategy == ("WAL_LOG" if pg_server.fsync else "FILE_COPY")
 
 
 def test_sandbox_rolls_back_commits_and_rebinds_a_sessionmaker(pg_server: ServerInfo, admin: Admin,

@@ -25,6 +25,20 @@ if TYPE_CHECKING:  # psycopg is imported where a connection is made: an xdist co
     import psycopg
     from psycopg import sql
 
+@dataclass(frozen=True)
+class CloneMethod:
+    """How CREATE DATABASE ... TEMPLATE copies: its STRATEGY, and (PostgreSQL 18) file_copy_method."""
+
+    strategy: str | None  # None: the server has no STRATEGY option (PostgreSQL < 15)
+    file_copy: str | None = None  # "clone": FILE_COPY by reflink, a cost that does not grow with the template
+
+    @property
+    def label(self) -> str:
+        if self.file_copy == "clone":
+            return "reflink"
+        return self.strategy or "file copy"
+
+
 MARKER_PREFIX = "pgshard:"
 _NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 
@@ -199,6 +213,10 @@ class Admin:
     def setting(self, name: str) -> str:
         return str(self._read("SELECT current_setting(%s)", (name,))[0][0])
 
+    def read(self, query: str, params: tuple[object, ...]) -> list[tuple[Any, ...]]:
+        """A catalog read of the caller's (no write), made like Admin's own."""
+        return self._read(query, params)
+
     def _read(self, query: str, params: tuple[object, ...]) -> list[tuple[Any, ...]]:
         """A read (nothing it does can be half done): once more on a new connection when the server ended this
         one meanwhile (a test that terminated every other backend, while this process had nothing to do)."""
@@ -221,7 +239,8 @@ class Admin:
             raise NotOurs(f"database {name} was not created by pgshard (no ownership marker); left untouched")
         return found
 
-    def create(self, name: str, marker: Marker, *, template: str | None = None, strategy: str | None = None) -> float:
+    def create(self, name: str, marker: Marker, *, template: str | None = None, method: CloneMethod | None = None
+               ) -> float:
         """CREATE DATABASE (from ``template`` when given) and mark it ours. Returns seconds taken."""
         check_name(name)
         if not self.in_namespace(name):
@@ -231,11 +250,13 @@ class Admin:
         query = sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name))
         if template:
             query += sql.SQL(" TEMPLATE {}").format(sql.Identifier(template))
-            if strategy:
-                query += sql.SQL(" STRATEGY {}").format(sql.SQL(strategy))
+            if method is not None and method.strategy:
+                query += sql.SQL(" STRATEGY {}").format(sql.SQL(method.strategy))
         started = time.perf_counter()
         intent = self._intend(name)
         try:
+            if method is not None and method.file_copy:  # this session only (PostgreSQL 18: a user setting)
+                self.conn.execute(sql.SQL("SET file_copy_method = {}").format(sql.Literal(method.file_copy)))
             self._create(query, template)
         except BaseException:
             if intent is not None:

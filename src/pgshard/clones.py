@@ -12,7 +12,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from pgshard.admin import Admin, DatabaseInfo, Marker
+from pgshard.admin import Admin, CloneMethod, DatabaseInfo, Marker
 from pgshard.host import host_identity, pid_alive
 from pgshard.server.base import ServerError, ServerInfo
 from pgshard.settings import mask_url
@@ -37,11 +37,25 @@ class Database:
         return f"Database({self.name}, {self.masked_url})"
 
 
-def clone_strategy(server: ServerInfo) -> str | None:
-    """FILE_COPY is twice as fast when fsync is off (no WAL to write); it does a checkpoint otherwise."""
+# With fsync on, FILE_COPY pays two checkpoints (about 1 s on this project's disk, whatever the size) and WAL_LOG
+# writes the template into the WAL (about 3.3 ms a MB): WAL_LOG up to this size. Measured by
+# benchmarks/clone_methods.py (docs/speed.md: the table, by method and size).
+WAL_LOG_UP_TO_BYTES = 1 << 30
+
+
+def clone_method(server: ServerInfo, template_bytes: int | None = None) -> CloneMethod:
+    """Reflink where the server can (PostgreSQL 18, its data directory on XFS or btrfs); with fsync off,
+    FILE_COPY (no WAL to write, twice as fast); with fsync on, WAL_LOG up to WAL_LOG_UP_TO_BYTES, FILE_COPY
+    beyond it (its two checkpoints then cost less than writing the template into the WAL)."""
     if server.major < 15:
-        return None
-    return "WAL_LOG" if server.fsync else "FILE_COPY"
+        return CloneMethod(None)
+    if server.reflink:
+        return CloneMethod("FILE_COPY", "clone")
+    if not server.fsync:
+        return CloneMethod("FILE_COPY")
+    if template_bytes is not None and template_bytes > WAL_LOG_UP_TO_BYTES:
+        return CloneMethod("FILE_COPY")
+    return CloneMethod("WAL_LOG")
 
 
 def worker_database_name(prefix: str, run_id: str, worker_id: str) -> str:
@@ -53,6 +67,7 @@ class CloneTimes:
     worker_clone: float = 0.0
     commit_clones: list[float] = field(default_factory=list)
     commit_waits: list[float] = field(default_factory=list)
+    method: str = ""  # how they were cloned (CloneMethod.label)
 
 
 class Clones:
@@ -68,6 +83,7 @@ class Clones:
         self.pool_size = pool_size
         self.admin = admin or Admin(admin_url, prefix)  # a given one is ours from now on: close() closes it
         self.times = CloneTimes()
+        self.method: CloneMethod | None = None
         self.created: list[str] = []
         self._counter = 0
         self._names_lock = threading.Lock()
@@ -102,12 +118,21 @@ class Clones:
 
     def _clone_once(self, admin: Admin, name: str) -> float:
         with admin.advisory_lock(swap_lock(self.template), shared=True):  # a --pg-rebuild elsewhere waits
-            seconds = admin.create(name, self._marker(), template=self.template,
-                                   strategy=clone_strategy(self.server))
+            seconds = admin.create(name, self._marker(), template=self.template, method=self._method(admin))
         with self._names_lock:
             if name not in self.created:
                 self.created.append(name)
         return seconds
+
+    def _method(self, admin: Admin) -> CloneMethod:
+        if self.method is None:  # the template's size matters only with fsync on, and only there is it asked
+            size = None
+            if self.server.fsync and not self.server.reflink and self.server.major >= 15:
+                rows = admin.read("SELECT pg_database_size(%s)", (self.template,))
+                size = int(rows[0][0]) if rows and rows[0][0] is not None else None
+            self.method = clone_method(self.server, size)
+            self.times.method = self.method.label
+        return self.method
 
     def worker_database(self) -> Database:
         name = worker_database_name(self.prefix, self.run_id, self.worker_id)

@@ -222,7 +222,7 @@ class Run:
         assert self.server is not None
         data = {"pid": os.getpid(), "run_id": self.run_id, "url": self.server.url, "source": self.server.source,
                 "version": self.server.version, "major": self.server.major, "fsync": self.server.fsync,
-                "clean_up": clean_up}
+                "reflink": self.server.reflink, "clean_up": clean_up}
         return json.dumps(data)
 
     @classmethod
@@ -238,7 +238,8 @@ class Run:
             return None
         if data.get("pid") != os.getppid():
             return None
-        server = ServerInfo(data["url"], data["source"], data["version"], int(data["major"]), bool(data["fsync"]))
+        server = ServerInfo(data["url"], data["source"], data["version"], int(data["major"]), bool(data["fsync"]),
+                            bool(data.get("reflink")))
         run = cls(settings, data["run_id"], worker_id, server=server)
         run.cleans_up = bool(data.get("clean_up")) and worker_id == "gw0"
         return run
@@ -492,6 +493,7 @@ class Run:
         times = self.clone_times
         if times is not None:
             out["clone_ms"] = times.worker_clone * 1000
+            out["clone_method"] = times.method
             out["commit_clones"] = len(times.commit_waits)
             if times.commit_waits:
                 out["commit_wait_ms"] = _median(times.commit_waits) * 1000
@@ -538,7 +540,8 @@ def summary_lines(server: ServerInfo | None, stats: list[dict[str, Any]], stale:
     clones = [f"{s['worker']} {s['clone_ms']:.0f} ms" for s in sorted(stats, key=lambda s: str(s["worker"]))
               if "clone_ms" in s]
     if clones:
-        lines.append("clone per worker: " + ", ".join(clones))
+        method = next((str(s["clone_method"]) for s in stats if s.get("clone_method")), "")
+        lines.append(f"clone per worker{f' ({method})' if method else ''}: " + ", ".join(clones))
     commits = max(sum(int(s.get("commit_clones", 0)) for s in stats), commit_tests)
     if commits:
         waits = [float(s["commit_wait_ms"]) for s in stats if "commit_wait_ms" in s]

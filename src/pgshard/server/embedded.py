@@ -14,6 +14,7 @@ user can reach. Nobody else's permissions change and no user is added.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import importlib.util
 import json
@@ -35,7 +36,14 @@ from urllib.parse import urlencode
 from pgshard.host import UnsafeDirectory, default_cache_dir, ensure_private_dir, pid_alive
 from pgshard.leases import Cluster, wait_for
 from pgshard.lockfile import LockError
-from pgshard.server.base import FACTS_FILE, ServerError, ServerInfo, describe
+from pgshard.server.base import (
+    FACTS_FILE,
+    REFLINK_FROM_MAJOR,
+    ServerError,
+    ServerInfo,
+    describe,
+    supports_reflink,
+)
 
 SUPERUSER = "pgshard"
 REQUIRED = ("initdb", "pg_ctl", "postgres")
@@ -471,13 +479,16 @@ class EmbeddedServer:
             cached = json.loads(self.facts_file.read_text())
             if pid is not None and stat is not None and cached["key"] == key:
                 return ServerInfo(self.url(port), self.source, str(cached["version"]), int(cached["major"]),
-                                  bool(cached["fsync"]))
+                                  bool(cached["fsync"]), bool(cached["reflink"]))
         except (OSError, ValueError, KeyError, TypeError):
             pass
         info = describe(self.url(port), self.source)
+        if info.major >= REFLINK_FROM_MAJOR:  # clones by reflink where the data directory's filesystem can
+            info = dataclasses.replace(info, reflink=supports_reflink(self.datadir.parent))
         with contextlib.suppress(OSError):
             self._write_private(self.facts_file, json.dumps({"key": key, "version": info.version,
-                                                             "major": info.major, "fsync": info.fsync}))
+                                                             "major": info.major, "fsync": info.fsync,
+                                                             "reflink": info.reflink}))
         return info
 
     @contextlib.contextmanager
