@@ -1,12 +1,13 @@
 """Issue 18: how clones are made. Reflink on PostgreSQL 18 where the data directory's filesystem can (an XFS
-image on a loop device, for real), FILE_COPY with fsync off, and with fsync on WAL_LOG or FILE_COPY by the
-template's size (read from the server)."""
+image on a loop device, for real), FILE_COPY with fsync off, and with fsync on WAL_LOG or FILE_COPY: by the
+template's size (read from the server) first, then by what each took on this server."""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import importlib.util
+import json
 import os
 import shutil
 import subprocess
@@ -20,7 +21,7 @@ import pytest
 
 from pgshard import clones as clones_module
 from pgshard.admin import Admin, CloneMethod
-from pgshard.clones import WAL_LOG_UP_TO_BYTES, Clones, clone_method
+from pgshard.clones import WAL_LOG_FIRST_UP_TO_BYTES, Clones, clone_method, clone_times_file
 from pgshard.migrate import parse_migrators
 from pgshard.server.base import ServerInfo, supports_reflink
 from pgshard.template import Template
@@ -30,14 +31,23 @@ def _server(major: int = 18, *, fsync: bool = False, reflink: bool = False) -> S
     return ServerInfo("postgresql+psycopg://u@h/postgres", "test", f"{major}.1", major, fsync, reflink)
 
 
-def test_the_method_follows_the_server_and_the_template_size() -> None:
+def test_the_method_follows_the_server_the_template_size_and_what_was_timed() -> None:
     assert clone_method(_server(14)) == CloneMethod(None)  # no STRATEGY before PostgreSQL 15
-    assert clone_method(_server(18, reflink=True, fsync=True), 10 << 30) == CloneMethod("FILE_COPY", "clone")
     assert clone_method(_server(15)) == CloneMethod("FILE_COPY")  # fsync off: no WAL to write
-    assert clone_method(_server(15, fsync=True), 8 << 20) == CloneMethod("WAL_LOG")
-    assert clone_method(_server(15, fsync=True), WAL_LOG_UP_TO_BYTES) == CloneMethod("WAL_LOG")
-    assert clone_method(_server(15, fsync=True), WAL_LOG_UP_TO_BYTES + 1) == CloneMethod("FILE_COPY")
-    assert clone_method(_server(15, fsync=True), None) == CloneMethod("WAL_LOG")  # size unknown: the safe one
+    assert clone_method(_server(18, reflink=True)) == CloneMethod("FILE_COPY", "clone")
+    # fsync on: WAL_LOG first for a small template, FILE_COPY first for a big one, then the other, then the faster
+    small, big = 8 << 20, WAL_LOG_FIRST_UP_TO_BYTES + 1
+    disk = _server(15, fsync=True)
+    assert clone_method(disk, small) == CloneMethod("WAL_LOG")
+    assert clone_method(disk, None) == CloneMethod("WAL_LOG")
+    assert clone_method(disk, big) == CloneMethod("FILE_COPY")
+    assert clone_method(disk, small, {"WAL_LOG": 0.05}) == CloneMethod("FILE_COPY")
+    assert clone_method(disk, big, {"FILE_COPY": 1.2}) == CloneMethod("WAL_LOG")
+    assert clone_method(disk, big, {"FILE_COPY": 1.2, "WAL_LOG": 0.08}) == CloneMethod("WAL_LOG")
+    assert clone_method(disk, small, {"FILE_COPY": 0.08, "WAL_LOG": 0.2}) == CloneMethod("FILE_COPY")
+    reflink_disk = _server(18, fsync=True, reflink=True)  # reflink pays FILE_COPY's checkpoints too
+    assert clone_method(reflink_disk, small) == CloneMethod("WAL_LOG")
+    assert clone_method(reflink_disk, small, {"WAL_LOG": 0.5, "FILE_COPY": 0.1}) == CloneMethod("FILE_COPY", "clone")
     assert [m.label for m in (CloneMethod("FILE_COPY", "clone"), CloneMethod("WAL_LOG"), CloneMethod(None))] == [
         "reflink", "WAL_LOG", "file copy"]
 
@@ -49,29 +59,50 @@ def test_reflink_is_found_only_where_the_filesystem_has_it(tmp_path: Path) -> No
     assert supports_reflink(tmp_path / "missing") is False  # cannot tell: no
 
 
-def test_with_fsync_on_the_strategy_follows_the_template_size_read_from_the_server(
+def test_with_fsync_on_each_strategy_is_timed_once_per_template_and_the_faster_kept(
         pg_server: ServerInfo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The suite's server runs with fsync off, and the choice reads the server's facts: they are given with
-    fsync on, and the template's real size, asked of the server, picks the strategy each clone is made with."""
+    fsync on. Each run's clones are real; the template's size is asked of the server; the times are kept in
+    the cache, beside the server's intents dir, for later runs."""
     prefix = "pgt" + uuid.uuid4().hex[:8]
     (tmp_path / "sql").mkdir()
     (tmp_path / "sql" / "001.sql").write_text(
         "CREATE TABLE a AS SELECT g AS id, repeat('x', 200) AS pad FROM generate_series(1, 20000) g;")
     disk_server = dataclasses.replace(pg_server, fsync=True)
+    intents = tmp_path / "cache" / "creating" / "key"
     with Admin(pg_server.url, prefix) as admin:
-        try:
-            template = Template(admin, pg_server, parse_migrators(["sql:sql/"], tmp_path), lock_dir=tmp_path,
-                                run_id="r").ensure()
-            size = int(admin.read("SELECT pg_database_size(%s)", (template.name,))[0][0])
-            assert 4 << 20 < size < WAL_LOG_UP_TO_BYTES
-            for threshold, expected in ((WAL_LOG_UP_TO_BYTES, "WAL_LOG"), (size - 1, "FILE_COPY")):
-                monkeypatch.setattr(clones_module, "WAL_LOG_UP_TO_BYTES", threshold)
-                clones = Clones(pg_server.url, disk_server, template.name, prefix=prefix, run_id=expected.lower(),
-                                worker_id="gw0", pool_size=0)
+        template = Template(admin, pg_server, parse_migrators(["sql:sql/"], tmp_path), lock_dir=tmp_path,
+                            run_id="r").ensure()
+        times = clone_times_file(intents, template.name)
+        runs = iter(range(100))
+
+        def one_run() -> str:
+            clones = Clones(pg_server.url, disk_server, template.name, prefix=prefix, run_id=f"r{next(runs)}",
+                            worker_id="gw0", pool_size=0, admin=Admin(pg_server.url, prefix, intents))
+            try:
                 database = clones.worker_database()
-                assert clones.times.method == expected
-                assert admin.read("SELECT count(*) FROM pg_database WHERE datname = %s", (database.name,)) == [(1,)]
+                assert admin.exists(database.name)
+                return clones.times.method
+            finally:
                 clones.close()
+
+        try:
+            assert one_run() == "WAL_LOG"  # a small template: WAL_LOG first
+            assert set(json.loads(times.read_text())) == {"WAL_LOG"}
+            assert one_run() == "FILE_COPY"  # then the other
+            measured = json.loads(times.read_text())
+            assert set(measured) == {"WAL_LOG", "FILE_COPY"} and all(v > 0 for v in measured.values())
+            faster = min(measured, key=measured.get)
+            assert one_run() == faster == one_run()  # from then on the faster, and nothing more is timed
+            assert json.loads(times.read_text()) == measured
+            times.write_text(json.dumps({"WAL_LOG": 9.0, "FILE_COPY": 0.01}))
+            assert one_run() == "FILE_COPY"
+            times.write_text(json.dumps({"WAL_LOG": 0.01, "FILE_COPY": 9.0}))
+            assert one_run() == "WAL_LOG"
+            times.unlink()  # a big template (the size asked of the server): FILE_COPY first
+            size = int(admin.read("SELECT pg_database_size(%s)", (template.name,))[0][0])
+            monkeypatch.setattr(clones_module, "WAL_LOG_FIRST_UP_TO_BYTES", size - 1)
+            assert one_run() == "FILE_COPY"
         finally:
             for db in admin.databases():
                 if db.marker is not None:

@@ -7,10 +7,14 @@ database before the database exists, and so two overlapping runs can never colli
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import queue
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from pgshard.admin import Admin, CloneMethod, DatabaseInfo, Marker
 from pgshard.host import host_identity, pid_alive
@@ -37,25 +41,35 @@ class Database:
         return f"Database({self.name}, {self.masked_url})"
 
 
-# With fsync on, FILE_COPY pays two checkpoints (about 1 s on this project's disk, whatever the size) and WAL_LOG
-# writes the template into the WAL (about 3.3 ms a MB): WAL_LOG up to this size. Measured by
-# benchmarks/clone_methods.py (docs/speed.md: the table, by method and size).
-WAL_LOG_UP_TO_BYTES = 1 << 30
+# With fsync off (pgshard's embedded server) FILE_COPY writes no WAL: always the faster, and by reflink where the
+# filesystem shares blocks. With fsync on, FILE_COPY pays two checkpoints whatever the size (0.02 s on tmpfs,
+# about 1 s on a disk here, reflink or not) and WAL_LOG writes the whole template into the WAL (about 2-3 ms a
+# MB): which wins depends on the storage (benchmarks/results/clone-methods.md), so each is timed once per
+# template on its first clones and the faster kept. Before that, WAL_LOG first up to this size.
+WAL_LOG_FIRST_UP_TO_BYTES = 256 << 20
 
 
-def clone_method(server: ServerInfo, template_bytes: int | None = None) -> CloneMethod:
-    """Reflink where the server can (PostgreSQL 18, its data directory on XFS or btrfs); with fsync off,
-    FILE_COPY (no WAL to write, twice as fast); with fsync on, WAL_LOG up to WAL_LOG_UP_TO_BYTES, FILE_COPY
-    beyond it (its two checkpoints then cost less than writing the template into the WAL)."""
+def clone_method(server: ServerInfo, template_bytes: int | None = None,
+                 measured: Mapping[str, float] | None = None) -> CloneMethod:
+    """How to clone a template on this server: see WAL_LOG_FIRST_UP_TO_BYTES. ``measured``: seconds one clone
+    of this template took by each strategy (with fsync on)."""
     if server.major < 15:
         return CloneMethod(None)
-    if server.reflink:
-        return CloneMethod("FILE_COPY", "clone")
+    file_copy = CloneMethod("FILE_COPY", "clone" if server.reflink else None)
     if not server.fsync:
-        return CloneMethod("FILE_COPY")
-    if template_bytes is not None and template_bytes > WAL_LOG_UP_TO_BYTES:
-        return CloneMethod("FILE_COPY")
+        return file_copy
+    measured = measured or {}
+    if "WAL_LOG" in measured and "FILE_COPY" in measured:
+        return CloneMethod("WAL_LOG") if measured["WAL_LOG"] <= measured["FILE_COPY"] else file_copy
+    big = template_bytes is not None and template_bytes > WAL_LOG_FIRST_UP_TO_BYTES
+    if "WAL_LOG" in measured or (big and "FILE_COPY" not in measured):
+        return file_copy
     return CloneMethod("WAL_LOG")
+
+
+def clone_times_file(intents: Path, template: str) -> Path:
+    """Where the clone times of ``template`` on one server are kept (beside that server's intents dir)."""
+    return intents.parent.parent / "clone-times" / intents.name / f"{template}.json"
 
 
 def worker_database_name(prefix: str, run_id: str, worker_id: str) -> str:
@@ -83,7 +97,9 @@ class Clones:
         self.pool_size = pool_size
         self.admin = admin or Admin(admin_url, prefix)  # a given one is ours from now on: close() closes it
         self.times = CloneTimes()
-        self.method: CloneMethod | None = None
+        self.method: CloneMethod | None = None  # decided (nothing left to time)
+        self._size: int | None = None
+        self._timings = clone_times_file(self.admin.intents, template) if self.admin.intents is not None else None
         self.created: list[str] = []
         self._counter = 0
         self._names_lock = threading.Lock()
@@ -117,22 +133,52 @@ class Clones:
         return self._clone_once(admin, name)
 
     def _clone_once(self, admin: Admin, name: str) -> float:
+        method = self._method(admin)
         with admin.advisory_lock(swap_lock(self.template), shared=True):  # a --pg-rebuild elsewhere waits
-            seconds = admin.create(name, self._marker(), template=self.template, method=self._method(admin))
+            seconds = admin.create(name, self._marker(), template=self.template, method=method)
+        self._timed(method, seconds)
         with self._names_lock:
             if name not in self.created:
                 self.created.append(name)
         return seconds
 
     def _method(self, admin: Admin) -> CloneMethod:
-        if self.method is None:  # the template's size matters only with fsync on, and only there is it asked
-            size = None
-            if self.server.fsync and not self.server.reflink and self.server.major >= 15:
-                rows = admin.read("SELECT pg_database_size(%s)", (self.template,))
-                size = int(rows[0][0]) if rows and rows[0][0] is not None else None
-            self.method = clone_method(self.server, size)
+        if self.method is not None:
+            return self.method
+        if not self.server.fsync or self.server.major < 15:  # nothing to time: one method serves
+            self.method = clone_method(self.server)
             self.times.method = self.method.label
-        return self.method
+            return self.method
+        if self._size is None:  # with fsync on only, and once
+            rows = admin.read("SELECT pg_database_size(%s)", (self.template,))
+            self._size = int(rows[0][0]) if rows and rows[0][0] is not None else 0
+        measured = self._measured()
+        method = clone_method(self.server, self._size, measured)
+        if {"WAL_LOG", "FILE_COPY"} <= set(measured):
+            self.method = method
+        self.times.method = self.times.method or method.label  # the worker's own clone's
+        return method
+
+    def _measured(self) -> dict[str, float]:
+        try:
+            found = json.loads(self._timings.read_text()) if self._timings is not None else {}
+        except (OSError, ValueError):
+            found = {}
+        return {k: float(v) for k, v in found.items() if k in ("WAL_LOG", "FILE_COPY") and isinstance(v, (int, float))}
+
+    def _timed(self, method: CloneMethod, seconds: float) -> None:
+        """With fsync on, the first time of each strategy for this template, for every later run to choose by."""
+        if self.method is not None or method.strategy is None or self._timings is None:
+            return
+        measured = self._measured()
+        if method.strategy in measured:
+            return
+        measured[method.strategy] = seconds
+        with contextlib.suppress(OSError):  # a cache dir that cannot be written: the next run times it again
+            self._timings.parent.mkdir(parents=True, exist_ok=True)
+            scratch = self._timings.with_name(f".{self._timings.name}.{os.getpid()}.{threading.get_ident()}")
+            scratch.write_text(json.dumps(measured))
+            os.replace(scratch, self._timings)
 
     def worker_database(self) -> Database:
         name = worker_database_name(self.prefix, self.run_id, self.worker_id)
