@@ -44,6 +44,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     bench.add_argument("--rounds", type=int, default=3, help="rounds; each runs every contender once (default 3)")
     bench.add_argument("--only", help=f"groups ({', '.join(registry.GROUPS)}) and/or contender names, "
                                       f"comma separated: {', '.join(registry.BY_NAME)}")
+    bench.add_argument("--neighbour", action="store_true",
+                       help="run every round beside a neighbour load (benchmarks/neighbour.py): another suite with "
+                            "its own PostgreSQL under -n 2 in a loop, a tmpfs writer, memory held")
+    bench.add_argument("--neighbour-memory", type=int, default=2048, help="MB the neighbour holds (default 2048)")
     again = sub.add_parser("report", help="render results.md and results.png again from results.json")
     for each in (bench, again):
         each.add_argument("--results-dir", type=Path, default=HERE / "results")
@@ -266,10 +270,17 @@ def run_benchmarks(args: argparse.Namespace) -> int:
     server_dir = args.server_dir.resolve()
     dirs = _dirs(server_dir)
     results: list[RunResult] = []
+    neighbour_line = ""
     code = code_version()
     print(f"pgshard benchmarks ({code}): {len(project.tests)} tests, {args.rounds} round(s), {len(chosen)} contenders; "
           f"project in {project.root}", flush=True)
-    with bench_server(server_dir) as bench:
+    with bench_server(server_dir) as bench, contextlib.ExitStack() as stack:
+        if args.neighbour:
+            from benchmarks.neighbour import neighbour
+
+            neighbour_line = stack.enter_context(neighbour(project.root, args.work_dir.resolve(),
+                                                           args.neighbour_memory))
+            print(neighbour_line, flush=True)
         with servers(chosen, dirs):
             bench.prepare_base(project.root)
             for contender in list(chosen):
@@ -291,6 +302,7 @@ def run_benchmarks(args: argparse.Namespace) -> int:
             isolated = isolation(chosen, bench, project, dirs, peers)
         facts = machine(bench)
     facts["loadavg_before"] = load_before
+    facts["neighbour"] = neighbour_line if args.neighbour else ""
     facts["loadavg_after"] = Path("/proc/loadavg").read_text().strip() if load_before else ""
     if peers is not None:
         facts["peers"] = {**peers.versions, **{dist: f"dropped: {why}" for dist, why in peers.dropped.items()}}

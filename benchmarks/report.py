@@ -241,6 +241,9 @@ SECTIONS: list[tuple[str, str, list[str], str | None]] = [
     ("Whole suite, serial, end to end", "wall", ["bare", "pgshard", "pytest_postgresql"], "pgshard"),
     ("Parallel: -n 2 / -n auto", "wall", ["pgshard", "pgshard_n2", "pgshard_n2_embedded", "pgshard_nauto",
                                           "per_worker_n2", "bare", "bare_n2"], "pgshard"),
+    ("-n 2: pgshard's embedded server, pgshard on --pg-url, the hand-written conftest (run with --neighbour: "
+     "beside a neighbour load)", "wall", ["pgshard_n2_embedded", "pgshard_n2", "per_worker_n2", "bare_n2"],
+     "pgshard_n2"),
     ("Parallel with 10 ms of work per test", "wall", ["work_serial", "work_n2", "work_bare_serial", "work_bare_n2"],
      "work_serial"),
     ("db_commit tests: pre-warmed pool vs a naive clone per test", "wall", ["commit_pool", "commit_naive"],
