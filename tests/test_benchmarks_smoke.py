@@ -9,6 +9,7 @@ start-up contenders, isolation probes, timer, memory sampler, report) on a few t
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -30,7 +31,10 @@ def test_benchmark_harness_runs_every_contender_that_installs_on_a_tiny_suite(tm
     contender timed and passing, peers installed or dropped with a reason, memory measured, the isolation
     probes agreeing with what each contender documents, start-up measured against the bare floor."""
     results = tmp_path / "results"
-    server_dir = default_cache_dir().with_name(default_cache_dir().name + "-bench-smoke")  # not the real run's
+    # this suite's own cache dir (one per checkout, tests/conftest.py), never the machine-wide one: two
+    # checkouts' suites at once would refuse each other's benchmark server
+    suite_cache = Path(os.environ.get("PGSHARD_CACHE_DIR") or default_cache_dir())
+    server_dir = suite_cache.with_name(suite_cache.name + "-bench-smoke")  # not the real run's
     harness = subprocess.Popen(
         [sys.executable, "-m", "benchmarks", "run", "--size", "6", "--rounds", "1", "--subset", "3",
          "--only", ",".join(CHEAP + PEERS + STARTUP), "--work-dir", str(tmp_path / "work"),
