@@ -197,6 +197,45 @@ def test_item(i, db_session, pg_engine):
 '''
 
 
+def test_a_worker_that_had_not_cloned_yet_still_tells_a_crash_from_a_test_ending_sessions(cache: Path) -> None:
+    """A worker's first setup may meet the crash (seen in a CI run: the other worker's 25 tests each printed a
+    traceback): it has no statistics of its own to compare yet, so the reset time is compared with when it
+    took the server over. A real backend killed by SIGKILL: the postmaster ends every session and recovers."""
+    import os
+    import signal
+    from datetime import datetime, timezone
+
+    from pgshard.leases import wait_for
+    from pgshard.run import Run
+    from pgshard.settings import Settings
+
+    server = EmbeddedServer(cache_dir=cache)
+    info = server.acquire()
+    try:
+        settings = Settings(server="embedded", cache_dir=cache)
+        worker = Run(settings, "r", "gw1", server=info)
+        worker._adopted_at = datetime.now(timezone.utc)
+        assert worker._server_state() == "up"  # nothing happened: a died-looking error is the test's own
+        with psycopg.connect(to_libpq(info.url), autocommit=True) as victim:
+            os.kill(int(victim.execute("SELECT pg_backend_pid()").fetchone()[0]), signal.SIGKILL)  # type: ignore[index]
+
+        def answers() -> bool:
+            try:
+                with psycopg.connect(to_libpq(info.url), connect_timeout=3) as conn:
+                    return conn.execute("SELECT 1").fetchone() == (1,)
+            except psycopg.OperationalError:
+                return False
+
+        wait_for(answers, 60, "the server to recover from the crash")
+        assert worker._server_state() == "crashed"
+        later = Run(settings, "r", "gw2", server=info)  # a worker that took it over after the crash
+        later._adopted_at = datetime.now(timezone.utc)
+        assert later._server_state() == "up"
+    finally:
+        server.release()
+        server.stop_unless_used()
+
+
 def test_a_server_that_crashed_and_recovered_mid_run_is_one_line_not_a_traceback_per_test(
         pytester: pytest.Pytester, cache: Path) -> None:
     """The server answers again a moment later, yet every session of the run was cut: each worker says so

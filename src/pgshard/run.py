@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Any
 
 from sqlalchemy.engine import make_url
@@ -66,6 +67,7 @@ class Run:
     _background_done: threading.Event | None = field(default=None, repr=False)
     say: Callable[[str], None] | None = field(default=None, repr=False)  # a line to the terminal, now
     _stats_reset: object = field(default=None, repr=False)  # the server's, when this worker cloned its database
+    _adopted_at: datetime | None = field(default=None, repr=False)  # when this xdist worker took the server over
     _abandoned: bool = False  # the start-up thread hung (an interrupted run): not waited for again
 
     # -- the server ----------------------------------------------------------------------------
@@ -241,6 +243,7 @@ class Run:
         server = ServerInfo(data["url"], data["source"], data["version"], int(data["major"]), bool(data["fsync"]),
                             bool(data.get("reflink")))
         run = cls(settings, data["run_id"], worker_id, server=server)
+        run._adopted_at = datetime.now(timezone.utc)
         run.cleans_up = bool(data.get("clean_up")) and worker_id == "gw0"
         return run
 
@@ -468,7 +471,13 @@ class Run:
                 row = conn.execute("SELECT stats_reset FROM pg_stat_bgwriter").fetchone()
         except Exception:
             return "down"
-        crashed = self._stats_reset is not None and row is not None and row[0] != self._stats_reset
+        if row is None or row[0] is None:
+            return "up"
+        if self._stats_reset is not None:
+            crashed = row[0] != self._stats_reset
+        else:  # crashed before this worker cloned: on our own server, a reset after the worker took it over
+            crashed = (self.settings.server == "embedded" and self._adopted_at is not None
+                       and isinstance(row[0], datetime) and row[0] > self._adopted_at)
         return "crashed" if crashed else "up"
 
     def _server_log(self) -> str | None:
