@@ -164,7 +164,9 @@ def isolation(chosen: list[Contender], bench: Bench, project: Project, dirs: Dir
         tests = (list(project.isolation_tests), len(project.isolation_tests))
         result = run(contender, bench, project, dirs, 0, 0, peers=peers, shuffle=SEED, tests=tests)
         found[contender.name] = {"passed": result.passed, "expected": result.expected,
-                                 "isolated": result.ok, "seed": SEED}
+                                 "isolated": result.ok, "seed": SEED,
+                                 "broke": "OperationalError" in result.error or result.error.startswith("killed"),
+                                 "tail": result.error[-2000:]}
         verdict = "isolated" if result.ok else f"NOT isolated ({result.expected - result.passed} probes failed)"
         print(f"  [isolation] {contender.name:<22} {result.passed}/{result.expected} shuffled: {verdict}", flush=True)
     return found

@@ -71,7 +71,11 @@ def test_benchmark_harness_runs_every_contender_that_installs_on_a_tiny_suite(tm
     assert stats["drop_create"]["inrun_overhead_ms"] > stats["pgshard"]["inrun_overhead_ms"]
 
     found = data["config"]["isolation"]  # the probes, shuffled, against what each documents
-    assert {name: v["isolated"] for name, v in found.items()} == {n: v for n, v in ISOLATES.items() if n in stats}
+    # py-pglite's node server dies under load (benchmarks/README.md): a peer's probe run that broke that way
+    # (its connections lost, or killed at its time limit) is no verdict; ours always are
+    broken = {name for name, v in found.items() if name == "pglite" and not v["isolated"] and v["broke"]}
+    assert {name: v["isolated"] for name, v in found.items() if name not in broken} == {
+        n: v for n, v in ISOLATES.items() if n in stats and n not in broken}, {n: found[n]["tail"] for n in found}
     for name, verdict in found.items():
         assert verdict["expected"] == 8, name
         if not ISOLATES[name]:  # the first probe passes; the ones after it see its row
