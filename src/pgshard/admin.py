@@ -25,6 +25,7 @@ if TYPE_CHECKING:  # psycopg is imported where a connection is made: an xdist co
     import psycopg
     from psycopg import sql
 
+
 @dataclass(frozen=True)
 class CloneMethod:
     """How CREATE DATABASE ... TEMPLATE copies: its STRATEGY, and (PostgreSQL 18) file_copy_method."""

@@ -164,6 +164,8 @@ class Clones:
             found = json.loads(self._timings.read_text()) if self._timings is not None else {}
         except (OSError, ValueError):
             found = {}
+        if not isinstance(found, dict):  # a file of another shape: timed again
+            found = {}
         return {k: float(v) for k, v in found.items() if k in ("WAL_LOG", "FILE_COPY") and isinstance(v, (int, float))}
 
     def _timed(self, method: CloneMethod, seconds: float) -> None:
