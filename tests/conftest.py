@@ -88,6 +88,16 @@ def remove_cache(cache: Path) -> None:
         time.sleep(0.1)
 
 
+@pytest.fixture
+def own_cache(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A cache dir (so an embedded server) of one test's own, cold, for its inner runs (PGSHARD_CACHE_DIR);
+    removed afterwards, its servers and watchdogs checked gone."""
+    path = Path("/dev/shm" if Path("/dev/shm").is_dir() else "/var/tmp") / f"pgshard-own-{uuid.uuid4().hex[:8]}"
+    monkeypatch.setenv("PGSHARD_CACHE_DIR", str(path))
+    yield path
+    remove_cache(path)
+
+
 @pytest.fixture(scope="session")
 def second_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerInfo]:
     """A server of its own (own cache dir), standing in for a user's existing server behind --pg-url."""

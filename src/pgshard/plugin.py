@@ -133,12 +133,16 @@ def pytest_load_initial_conftests(early_config: pytest.Config, parser: pytest.Pa
             _check_config(early_config, settings)
             run = Run(settings, Run.new_run_id(), "main")
             if settings.configured:
-                run.start_server(clean_up=False)  # start_background below cleans up, or worker gw0 does
+                # start_background below cleans up, or worker gw0 does; a cold embedded server starts in a
+                # thread while pytest imports and collects (its URL is known now: waited for at session start
+                # by xdist's controller, which hands it to the workers, after collection by a serial run)
+                run.start_server(clean_up=False, overlap=True)
                 run.cleans_up = not distributes
-                os.environ[HANDOFF] = run.handoff(clean_up=distributes)
+                if run.server is not None:
+                    os.environ[HANDOFF] = run.handoff(clean_up=distributes)
         os.environ.update(run.database_env())
         if settings.redirect:  # before any conftest builds an engine or overwrites os.environ
-            if run.server is None:
+            if run.server_url is None:
                 raise SettingsError("pgshard_redirect needs pgshard's server in every worker; "
                                     "load pgshard as a plugin (not late with -p) and run pytest-xdist >= 3.5")
             redirect.install(settings.redirect, run.database_url())
@@ -150,6 +154,30 @@ def pytest_load_initial_conftests(early_config: pytest.Config, parser: pytest.Pa
     # when it will run tests itself (a warm run's first test then finds its database made)
     runs_tests = _is_worker_process() or not distributes
     run.start_background(clone=settings.eager and runs_tests and not getattr(namespace, "collectonly", False))
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """xdist's controller starts its workers at session start: the server they are handed must be up."""
+    run = session.config.stash.get(RUN, None)
+    if run is not None and run.starting and _distributes(session.config.option) and not _is_worker_process():
+        _server_ready(run)
+        os.environ[HANDOFF] = run.handoff(clean_up=True)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """A serial run's overlapped server start, waited for before the first test: its failure is one line."""
+    run = session.config.stash.get(RUN, None)
+    if run is not None and run.starting:
+        _server_ready(run)
+
+
+def _server_ready(run: Run) -> None:
+    try:
+        run.start_server()
+    except ServerError as exc:
+        raise _fail_usage(exc) from None
 
 
 def _check_config(config: pytest.Config, settings: Settings) -> None:
@@ -314,7 +342,7 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
     if run.server is None and not stats:
         return
     lines = summary_lines(run.server, stats, run.stale_dropped, run.timings.get("server"), run.commit_tests,
-                          run.notes)
+                          run.notes, server_waited=run.timings.get("server_wait"))
     if lines:
         terminalreporter.write_sep("-", "pgshard")
         for line in lines:

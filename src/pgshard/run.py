@@ -69,30 +69,114 @@ class Run:
     _stats_reset: object = field(default=None, repr=False)  # the server's, when this worker cloned its database
     _adopted_at: datetime | None = field(default=None, repr=False)  # when this xdist worker took the server over
     _abandoned: bool = False  # the start-up thread hung (an interrupted run): not waited for again
+    _planned_url: str | None = field(default=None, repr=False)  # the server's URL while it starts (start_server)
+    _server_start: threading.Thread | None = field(default=None, repr=False)  # initdb and start, in the background
+    _server_done: threading.Event | None = field(default=None, repr=False)
+    _server_error: ServerError | None = field(default=None, repr=False)
 
     # -- the server ----------------------------------------------------------------------------
     @staticmethod
     def new_run_id() -> str:
         return secrets.token_hex(4)
 
-    def start_server(self, *, clean_up: bool = True) -> ServerInfo:
+    def start_server(self, *, clean_up: bool = True, overlap: bool = False) -> ServerInfo | None:
         """Acquire the server for this process (controller or solo run) and clean up after dead runs
-        (``clean_up=False``: start_background does that)."""
+        (``clean_up=False``: start_background does that). ``overlap``: an embedded server that is not running
+        yet is initialised and started in a thread while pytest imports the conftests and collects; None
+        then, and its URL is known already (server_url), its port chosen before the app reads its settings.
+        Whatever needs the server itself waits for it here, and gets its failure as a ServerError."""
+        if self.server is None and self._server_done is not None:
+            return self._started_server()
         if self.server is None:
             started = time.perf_counter()
-            try:
-                self.lease = acquire(self.settings)
-            except OSError as exc:  # a lock path that is a directory, a cache dir on a read-only filesystem
-                where = f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc)
-                raise ServerError(f"cannot use the cache dir ({where}); fix that path or set pgshard_cache_dir "
-                                  "(PGSHARD_CACHE_DIR)") from None
+            if overlap and self.settings.server == "embedded" and self._start_overlapped(started):
+                return None
+            self._take_lease(self._lease(), started)
             atexit.register(self.stop_server)  # released even when pytest exits before unconfigure
-            self.server = self.lease.info
-            self.notes.extend(self.lease.notes)
-            self.timings["server"] = time.perf_counter() - started
             if clean_up:
                 self._drop_stale()
         return self.server
+
+    def _lease(self, embedded: Any = None) -> ServerLease:
+        try:
+            if embedded is not None:
+                return ServerLease(embedded.acquire(), embedded.release, notes=embedded.notes)
+            return acquire(self.settings)
+        except OSError as exc:  # a lock path that is a directory, a cache dir on a read-only filesystem
+            where = f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc)
+            raise ServerError(f"cannot use the cache dir ({where}); fix that path or set pgshard_cache_dir "
+                              "(PGSHARD_CACHE_DIR)") from None
+
+    def _take_lease(self, lease: ServerLease, started: float) -> None:
+        self.lease = lease
+        self.server = lease.info
+        self.notes.extend(lease.notes)
+        self.timings["server"] = time.perf_counter() - started
+
+    def _start_overlapped(self, started: float) -> bool:
+        """start_server's background start: False when the embedded server runs already (acquiring it is
+        quick) or when it cannot be planned (acquired in the foreground then, which reports why)."""
+        from pgshard.server.embedded import EmbeddedServer
+
+        try:
+            embedded = EmbeddedServer(self.settings.pg_bin, self.settings.cache_dir, linger=self.settings.linger)
+            planned = embedded.plan()
+        except (OSError, ServerError):
+            return False
+        if planned is None:
+            return False
+        for module in ("psycopg", "psycopg.conninfo", "psycopg.errors", "fcntl", "pgshard.faults"):
+            importlib.import_module(module)  # the thread imports nothing (start_background says why)
+        done = threading.Event()
+
+        def work() -> None:
+            try:
+                lease = self._lease(embedded)
+                if lease.info.url != planned:  # another run started it on a port of its own meanwhile
+                    lease.release()
+                    raise ServerError(f"the embedded server came up at {mask_url(lease.info.url)}, not at the "
+                                      f"{mask_url(planned)} the app's settings were given; run again")
+                self._take_lease(lease, started)
+            except ServerError as exc:
+                self._server_error = exc
+            except Exception as exc:  # a defect: reported by the first step that needs the server
+                self._server_error = ServerError(f"the embedded server did not start: {exc!r}")
+            finally:
+                done.set()
+
+        self._planned_url, self._server_done = planned, done
+        self._server_start = threading.Thread(target=work, name="pgshard-server-start", daemon=True)
+        self._server_start.start()
+        atexit.register(self.stop_server)  # which waits for the start: an interrupted run's lease is released
+        return True
+
+    def _server_settled(self, timeout: float | None = None) -> bool:
+        """Wait for the background start; False when it is still at work after ``timeout``."""
+        done = self._server_done
+        if done is None or self._server_start is threading.current_thread():
+            return True
+        waited = time.perf_counter()
+        if not done.wait(timeout):
+            return False
+        self.timings.setdefault("server_wait", time.perf_counter() - waited)
+        return True
+
+    def _started_server(self) -> ServerInfo:
+        self._server_settled()
+        if self._server_error is not None:
+            raise self._server_error
+        assert self.server is not None
+        return self.server
+
+    @property
+    def starting(self) -> bool:
+        """start_server's overlapped start has not been waited for yet."""
+        return self.server is None and self._server_done is not None
+
+    @property
+    def server_url(self) -> str | None:
+        """The server's admin URL: known before the server is up when start_server overlapped its start."""
+        return self.server.url if self.server is not None else self._planned_url
 
     def _drop_stale(self) -> None:
         done = drop_stale(self._admin(), self.settings.stale_ttl_hours)
@@ -115,8 +199,11 @@ class Run:
         thread that then imports waits for ever.) Its clone is dropped at exit even when pytest never gets
         to unconfigure (a conftest that fails to import, a usage error)."""
         clean_up, runs_tests = self.cleans_up, clone
-        if self.server is None or self._background is not None or not (clean_up or clone):
+        starting = self.server is None and self._server_done is not None  # start_server's overlapped start
+        if (self.server is None and not starting) or self._background is not None or not (clean_up or clone):
             return
+        if starting:  # a server just initialised or started: naming the template would wait for it here
+            clone = False
         if clone:
             try:
                 maker = self._template_maker()
@@ -133,6 +220,10 @@ class Run:
 
         def work() -> None:
             try:
+                if starting:
+                    self._server_settled()
+                    if self._server_error is not None:
+                        return  # the main thread reports it
                 if clean_up:
                     with contextlib.suppress(Exception):
                         self._drop_stale()
@@ -208,6 +299,8 @@ class Run:
             self.admin = None
 
     def stop_server(self) -> None:
+        if not self._server_settled(timeout=60):  # an initdb under way is let finish: its lease is released
+            return
         if not self._settle(timeout=1):  # as in finish(): the thread's work is not waited for at the end
             return
         self.close_admin()
@@ -263,12 +356,13 @@ class Run:
 
     def database_url(self, name: str | None = None) -> str:
         """SQLAlchemy URL of this worker's database (or another of this run's), which may not exist yet."""
-        assert self.server is not None
-        return database_url(self.server.url, name or self.database_name)
+        url = self.server_url
+        assert url is not None
+        return database_url(url, name or self.database_name)
 
     def database_env(self, name: str | None = None) -> dict[str, str]:
         """pgshard_env assignments for this worker's database (or another of this run's)."""
-        if not self.settings.env or self.server is None:
+        if not self.settings.env or self.server_url is None:
             return {}
         return env_assignments(self.settings.env, placeholders(self.database_url(name), self._user_password(),
                                                                self.url_scheme()))
@@ -320,6 +414,7 @@ class Run:
     def _template_maker(self) -> Template:
         if self._maker is None:
             server = self.start_server()
+            assert server is not None  # (None only for overlap=True)
             lock_dir = (self.settings.cache_dir or default_cache_dir()) / "locks"
             migrators = parse_migrators(self.settings.migrate, self.settings.rootdir)
             inputs = []
@@ -522,17 +617,20 @@ def _median(values: list[float]) -> float:
     return statistics.median(values)
 
 
-def _server_line(server: ServerInfo, seconds: float | None) -> str:
+def _server_line(server: ServerInfo, seconds: float | None, waited: float | None = None) -> str:
     took = f", ready in {seconds:.2f} s" if seconds is not None else ""
+    if seconds is not None and waited is not None:  # started beside pytest's imports and collection
+        took += f" (waited for {min(waited, seconds):.2f} s of it)"
     return f"server: {server.source}, PostgreSQL {server.version}{took} at {mask_url(server.url)}"
 
 
 def summary_lines(server: ServerInfo | None, stats: list[dict[str, Any]], stale: list[str],
-                  server_seconds: float | None, commit_tests: int = 0, notes: list[str] | None = None) -> list[str]:
+                  server_seconds: float | None, commit_tests: int = 0, notes: list[str] | None = None, *,
+                  server_waited: float | None = None) -> list[str]:
     """The terminal summary: server, template hit or miss, clone time per worker."""
     lines: list[str] = []
     if server is not None:
-        lines.append(_server_line(server, server_seconds))
+        lines.append(_server_line(server, server_seconds, server_waited))
     elif any("server" in s for s in stats):
         lines.append(next(str(s["server"]) for s in stats if "server" in s))
     stale = [*stale, *(name for s in stats for name in s.get("stale_dropped", []) if name not in stale)]

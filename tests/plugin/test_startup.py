@@ -6,12 +6,14 @@ collects, before any test asks for it."""
 from __future__ import annotations
 
 import json
+import shutil
 import uuid
 from pathlib import Path
 
 import psycopg
 import pytest
 
+from pgshard.leases import wait_for
 from pgshard.server.base import ServerInfo
 from tests.conftest import Project, databases
 
@@ -143,3 +145,110 @@ def test_a_run_that_never_reaches_its_tests_leaves_no_clone(
         assert result.ret != pytest.ExitCode.OK
     left = [name for name in databases(admin_conn, prefix + "%") if "_tpl_" not in name]
     assert left == [], f"{how} left {left}"
+
+
+# -- issue 18: a cold embedded server starts while pytest imports the conftests and collects ---------------------
+# The conftest reads the URL pgshard_env gives it at import, as a settings module does, and records whether the
+# server behind it was up yet; then it waits for that server (a condition, polled) as the app's first query would.
+COLD_CONFTEST = '''
+import json, os
+
+import psycopg
+from sqlalchemy.engine import make_url
+
+from pgshard.server.base import to_libpq
+
+URL = os.environ["DATABASE_URL"]  # this worker's database: made only once the server is up
+
+
+def _up():
+    try:
+        psycopg.connect(to_libpq(make_url(URL).set(database="postgres").render_as_string(hide_password=False)),
+                        connect_timeout=2).close()
+        return True
+    except psycopg.OperationalError:
+        return False
+
+
+UP_AT_IMPORT = _up()
+
+
+def pytest_unconfigure(config):
+    if not hasattr(config, "workerinput"):
+        with open(os.environ["PROBE_OUT"], "w") as fh:
+            json.dump({"up_at_import": UP_AT_IMPORT}, fh)
+'''
+
+COLD_TESTS = '''
+import os
+from sqlalchemy import create_engine, text
+
+def test_the_app_url_reaches_the_server(pg_database):
+    with create_engine(os.environ["DATABASE_URL"]).connect() as conn:
+        assert conn.execute(text("SELECT current_database()")).scalar() == pg_database.name
+'''
+
+
+@pytest.mark.parametrize("workers", [(), ("-n", "2")], ids=["serial", "n2"])
+def test_a_cold_server_starts_while_the_conftests_import(
+        workers: tuple[str, ...], project: Project, own_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """initdb and the first start run beside pytest's start-up: the app's settings (pgshard_env) name the server
+    before it is up, on the port it then comes up on, and the first test finds it."""
+    project.pytester.makeini("[pytest]\npgshard_migrate = alembic:alembic.ini\npgshard_env = DATABASE_URL={url}\n")
+    project.pytester.makeconftest(COLD_CONFTEST)
+    project.pytester.makepyfile(test_cold=COLD_TESTS)
+    out = project.root / "probe.json"
+    monkeypatch.setenv("PROBE_OUT", str(out))
+    result = project.run(*workers)
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["*server: embedded*ready in * s (waited for * s of it)*"])
+    assert json.loads(out.read_text())["up_at_import"] is False, "the server was up before the conftests imported"
+
+
+def _failing_bindir(root: Path) -> Path:
+    """Server binaries whose initdb fails (the rest are the system's own): a start that breaks mid-way."""
+    from pgshard.server.embedded import find_binaries
+
+    real, _ = find_binaries()
+    bindir = root / "bin"
+    bindir.mkdir(parents=True)
+    for tool in real.iterdir():
+        (bindir / tool.name).symlink_to(tool)
+    (bindir / "initdb").unlink()
+    (bindir / "initdb").write_text("#!/bin/sh\necho 'initdb: error: simulated failure for the test' >&2\nexit 1\n")
+    (bindir / "initdb").chmod(0o755)
+    for path in (root, bindir):
+        path.chmod(0o755)  # the server's account (pgshard runs as root here) reaches it
+    return bindir
+
+
+@pytest.mark.parametrize("workers", [(), ("-n", "2")], ids=["serial", "n2"])
+def test_a_cold_start_that_fails_in_the_background_is_one_line_before_any_test(
+        workers: tuple[str, ...], project: Project, own_cache: Path) -> None:
+    project.pytester.makepyfile(test_startup=TESTS)
+    bindir = _failing_bindir(own_cache.with_name(own_cache.name + "-bin"))
+    try:
+        result = project.run("-o", f"pgshard_pg_bin={bindir}", *workers)
+    finally:
+        shutil.rmtree(bindir.parent, ignore_errors=True)
+    text = result.stdout.str() + result.stderr.str()
+    assert result.ret == pytest.ExitCode.USAGE_ERROR, text
+    errors = [line for line in text.splitlines() if line.startswith("ERROR: pgshard:")]
+    assert len(errors) == 1 and "simulated failure for the test" in errors[0], text
+    assert "Traceback" not in text and "passed" not in text, text
+
+
+def test_a_run_stopped_during_a_cold_start_leaves_no_server_running(project: Project, own_cache: Path) -> None:
+    """A conftest that fails while initdb runs in the background: the start is let finish, its lease given back
+    (linger 0: the server stops), nothing is left running."""
+    from pgshard.server.embedded import EmbeddedServer
+
+    project.pytester.makepyfile(test_startup=TESTS)
+    project.pytester.makeconftest("raise RuntimeError('this conftest is broken')\n")
+    result = project.run()
+    assert result.ret != pytest.ExitCode.OK
+    assert "this conftest is broken" in result.stdout.str() + result.stderr.str()
+    server = EmbeddedServer(cache_dir=own_cache)
+    assert (server.datadir / "PG_VERSION").is_file(), "the background start did not get to initdb"
+    wait_for(lambda: server.running_port() is None, 60, "the server of an interrupted cold start still runs")
+    assert server._live_leases() == []

@@ -185,6 +185,7 @@ class EmbeddedServer:
         self.linger = linger
         self.notes: list[str] = []  # what the user should hear once (a cache repaired)
         self._cache = cache
+        self._planned_port: int | None = None  # plan(): the port the app was told before the server started
 
     # -- facts -------------------------------------------------------------------------------
     @property
@@ -303,7 +304,7 @@ class EmbeddedServer:
             conf.write(_TUNING.format(sockdir=str(self.sockdir).replace("'", "''")))
         # any host/port/database, user pgshard: only URLs naming this file reach for it
         self._write_private(self.passfile, f"*:*:*:{SUPERUSER}:{password}\n")
-        self._write_private(self.secret_file, json.dumps({"port": _free_port()}))
+        self._write_private(self.secret_file, json.dumps({"port": self._secret().get("port") or _free_port()}))
 
     def _initialised(self) -> bool:
         return (self.datadir / "PG_VERSION").is_file() and self.passfile.is_file()
@@ -319,6 +320,9 @@ class EmbeddedServer:
         secret = self._secret()
         port = int(str(secret.get("port", 0))) or _free_port()
         if not _port_free(port):
+            if self._planned_port == port:  # the app's settings name it already: another port would miss it
+                raise ServerError(f"port {port}, planned for the embedded server while pytest started, was taken "
+                                  "by another process meanwhile; run again (pgshard picks a free port)")
             port = _free_port()
         self._own(self.sockdir, 0o700)
         stale_pid = self.cluster.pidfile()[0]
@@ -434,6 +438,22 @@ class EmbeddedServer:
             else:
                 self._initdb()
         return self._ensure_running()
+
+    def plan(self) -> str | None:
+        """The URL ``acquire`` will return, when no postmaster of ours runs yet (None when one does:
+        acquire is quick then): its port chosen now and kept in secret.json, so that the app's settings can
+        name the server while initdb and its start run in the background."""
+        self._prepare_home()
+        with self._locked():
+            if self.running_port() is not None:
+                return None
+            secret = self._secret()
+            port = int(str(secret.get("port", 0)) or 0)
+            if not port or not _port_free(port):
+                port = _free_port()
+                self._write_private(self.secret_file, json.dumps({**secret, "port": port}))
+        self._planned_port = port
+        return self.url(port)
 
     def acquire(self) -> ServerInfo:
         """Make sure the server runs and record that this process uses it."""
