@@ -325,14 +325,20 @@ def test_server_start_is_used_by_runs_which_leave_it_running_until_stop(
     assert "not running" in _pgshard("server", "stop").stdout
 
 
-def test_status_on_a_stopped_embedded_server_starts_it_for_the_command_only(
+def test_status_on_a_stopped_embedded_server_starts_nothing(
         own_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.chdir(tmp_path)
-    assert main(["status", "--cache-dir", str(own_cache)]) == 0
-    out = capsys.readouterr().out
-    assert "running:  no: started for this command, stopped again after it" in out
     server = EmbeddedServer(cache_dir=own_cache)
-    assert server.running_port() is None
+    server.acquire()  # a cluster that exists, stopped again
+    assert server.release() is True
+    for args in ([], ["--json"]):
+        assert main(["status", "--cache-dir", str(own_cache), *args]) == 0
+        out = capsys.readouterr().out
+        assert server.running_port() is None and not server._live_leases(), "status started the server"
+        if args:
+            assert json.loads(out)["server"]["running"] is False
+        else:
+            assert "running:  no (status starts nothing" in out
 
     info = server.acquire()  # this process is a run using it; the in-process command must not end its lease
     try:

@@ -258,6 +258,10 @@ def status_lines(target: Target, settings: Settings, entries: Sequence[Entry]) -
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    if settings.server == "embedded":
+        embedded = _embedded(settings)
+        if embedded.running_port() is None:  # looked at, not started: its databases are read while it runs
+            return _stopped_status(args, settings, embedded)
     with server_for(settings) as target, Admin(target.info.url, settings.prefix) as admin:
         entries = survey(admin, settings.stale_ttl_hours)
         if args.json:
@@ -272,6 +276,18 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
             print(json.dumps(document, indent=2))
         else:
             print("\n".join(status_lines(target, settings, entries)))
+    return EXIT_OK
+
+
+def _stopped_status(args: argparse.Namespace, settings: Settings, embedded: EmbeddedServer) -> int:
+    state = embedded.status()
+    if args.json:
+        print(json.dumps({"server": {"source": state["source"], "running": False}, "prefix": settings.prefix,
+                          "databases": None, "embedded": state}, indent=2))
+        return EXIT_OK
+    print("\n".join([f"server:   {state['source']}", "running:  no (status starts nothing; a run starts it, "
+                     "`pgshard server start` keeps it up, and its templates and clones are listed then)",
+                     f"data:     {state['home']}", f"prefix:   {settings.prefix}"]))
     return EXIT_OK
 
 

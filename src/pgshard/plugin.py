@@ -132,7 +132,9 @@ def pytest_load_initial_conftests(early_config: pytest.Config, parser: pytest.Pa
         if run is None:
             _check_config(early_config, settings)
             run = Run(settings, Run.new_run_id(), "main")
-            if settings.configured:
+            if settings.eager and _runs_no_tests(namespace) and not distributes:
+                run.name_server()  # the app's settings get their URL; no server is started to list or collect
+            elif settings.eager:  # else lazy: the first pgshard fixture starts it (PGSHARD_* variables alone do not)
                 # start_background below cleans up, or worker gw0 does; a cold embedded server starts in a
                 # thread while pytest imports and collects (its URL is known now: waited for at session start
                 # by xdist's controller, which hands it to the workers, after collection by a serial run)
@@ -194,6 +196,12 @@ def _check_config(config: pytest.Config, settings: Settings) -> None:
         value = getattr(settings, option)
         if value:
             checks.target(option, value, roots)
+
+
+def _runs_no_tests(namespace: Any) -> bool:
+    """--collect-only, --markers, --fixtures, --fixtures-per-test: pytest lists, it runs nothing."""
+    return any(getattr(namespace, name, False) for name in ("collectonly", "markers", "showfixtures",
+                                                            "show_fixtures_per_test"))
 
 
 def _distributes(namespace: Any) -> bool:

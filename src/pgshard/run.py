@@ -168,6 +168,20 @@ class Run:
         assert self.server is not None
         return self.server
 
+    def name_server(self) -> None:
+        """For a run that runs no tests (--collect-only, --fixtures...): the server's URL for the app's settings
+        (pgshard_env, pgshard_redirect) with no server started; an existing server (--pg-url) is asked as usual."""
+        if self.settings.server != "embedded":
+            if self.settings.server == "url":
+                self.start_server(clean_up=False)
+            return
+        from pgshard.server.embedded import EmbeddedServer
+
+        embedded = EmbeddedServer(self.settings.pg_bin, self.settings.cache_dir, linger=self.settings.linger)
+        planned = embedded.plan()
+        port = embedded.running_port() if planned is None else None
+        self._planned_url = planned or (embedded.url(port) if port is not None else None)
+
     @property
     def starting(self) -> bool:
         """start_server's overlapped start has not been waited for yet."""

@@ -252,3 +252,37 @@ def test_a_run_stopped_during_a_cold_start_leaves_no_server_running(project: Pro
     assert (server.datadir / "PG_VERSION").is_file(), "the background start did not get to initdb"
     wait_for(lambda: server.running_port() is None, 60, "the server of an interrupted cold start still runs")
     assert server._live_leases() == []
+
+
+# -- issue 19 item 4: lazy for real --------------------------------------------------------------------------------
+def _nothing_started(cache: Path) -> None:
+    from pgshard.server.embedded import EmbeddedServer
+
+    server = EmbeddedServer(cache_dir=cache)
+    assert not (server.datadir / "PG_VERSION").exists(), "initdb ran"
+    assert server.running_port() is None, "a server was started"
+
+
+def test_pgshard_variables_alone_start_no_server(
+        pytester: pytest.Pytester, own_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A project with no pgshard configuration and no pgshard fixture: PGSHARD_* variables set by a CI image or a
+    shell profile do not make it start a server."""
+    monkeypatch.setenv("PGSHARD_LINGER", "30")
+    monkeypatch.setenv("PGSHARD_PREFIX", "pglazy")
+    pytester.makepyfile(test_plain="def test_plain():\n    assert 1 + 1 == 2\n")
+    result = pytester.runpytest_subprocess("-p", "no:randomly", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1)
+    assert not [line for line in result.stdout.lines if line.strip("- ") == "pgshard"], "a pgshard summary"
+    _nothing_started(own_cache)
+
+
+@pytest.mark.parametrize("listing", ["--collect-only", "--markers", "--fixtures", "--fixtures-per-test"])
+def test_a_run_that_only_lists_starts_no_server(listing: str, project: Project, own_cache: Path) -> None:
+    """pytest lists and runs nothing: no initdb, no start, and the app's settings still get their URL at import
+    (pgshard_env), so a settings module that requires it imports."""
+    project.pytester.makeini("[pytest]\npgshard_migrate = alembic:alembic.ini\npgshard_env = DATABASE_URL={url}\n")
+    project.pytester.makeconftest("import os\nassert os.environ['DATABASE_URL'].startswith('postgresql')\n")
+    project.pytester.makepyfile(test_startup=TESTS)
+    result = project.run(listing)
+    assert result.ret == pytest.ExitCode.OK, result.stdout.str() + result.stderr.str()
+    _nothing_started(own_cache)
