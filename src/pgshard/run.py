@@ -178,9 +178,7 @@ class Run:
         from pgshard.server.embedded import EmbeddedServer
 
         embedded = EmbeddedServer(self.settings.pg_bin, self.settings.cache_dir, linger=self.settings.linger)
-        planned = embedded.plan()
-        port = embedded.running_port() if planned is None else None
-        self._planned_url = planned or (embedded.url(port) if port is not None else None)
+        self._planned_url = embedded.expected_url()
 
     @property
     def starting(self) -> bool:

@@ -261,6 +261,7 @@ def _nothing_started(cache: Path) -> None:
     server = EmbeddedServer(cache_dir=cache)
     assert not (server.datadir / "PG_VERSION").exists(), "initdb ran"
     assert server.running_port() is None, "a server was started"
+    assert not cache.exists(), f"the cache dir was created: {sorted(p.name for p in cache.rglob('*'))}"
 
 
 def test_pgshard_variables_alone_start_no_server(

@@ -455,6 +455,11 @@ class EmbeddedServer:
         self._planned_port = port
         return self.url(port)
 
+    def expected_url(self) -> str:
+        """The URL the server has, or would have if started now, creating nothing (a run that only lists)."""
+        port = self.running_port() or int(str(self._secret().get("port", 0)) or 0) or _free_port()
+        return self.url(port)
+
     def acquire(self) -> ServerInfo:
         """Make sure the server runs and record that this process uses it."""
         self._prepare_home()
