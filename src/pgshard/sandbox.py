@@ -31,7 +31,7 @@ class SandboxError(RuntimeError):
 
 def _explain_transaction_only(context: Any) -> BaseException | None:
     original = context.original_exception
-    if getattr(original, "sqlstate", None) == NOT_IN_TRANSACTION:
+    if (getattr(original, "sqlstate", None) or getattr(original, "pgcode", None)) == NOT_IN_TRANSACTION:
         statement = " ".join((context.statement or "").split())[:80]
         return SandboxError(
             f"'{statement}' cannot run inside a transaction, and db_session wraps every test in one: "

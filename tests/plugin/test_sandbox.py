@@ -230,7 +230,9 @@ def test_db_commit_gets_a_fresh_clone_with_real_commits(app_project: pytest.Pyte
     result.stdout.fnmatch_lines(["*db_commit clones: 5, median wait * ms*"])
 
 
-def test_misuse_gets_one_clear_error(app_project: pytest.Pytester) -> None:
+@pytest.mark.parametrize("url", ["url", "psycopg2_url"])  # psycopg2's errors carry .pgcode, not .sqlstate
+def test_misuse_gets_one_clear_error(url: str, app_project: pytest.Pytester) -> None:
+    app_project.makeini((INI % "").replace("DATABASE_URL={url}", f"DATABASE_URL={{{url}}}"))
     app_project.makepyfile(test_misuse=textwrap.dedent('''
         import pytest
         from sqlalchemy import text
