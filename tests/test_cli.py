@@ -350,3 +350,10 @@ def test_status_on_a_stopped_embedded_server_starts_nothing(
     finally:
         assert server.release() is True
     assert server.running_port() is None
+
+
+def test_version_prints_the_version_and_starts_nothing(capsys: pytest.CaptureFixture[str]) -> None:
+    from pgshard import __version__
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"pgshard {__version__}"

@@ -481,7 +481,7 @@ def test_a_damaged_template_names_pgshard_clean_server_which_repairs_it(
     cleaned = subprocess.run([PGSHARD, "clean", "--server"], cwd=project.root, env=env, capture_output=True,
                              text=True, timeout=300, check=False)
     assert cleaned.returncode == 0 and "removed" in cleaned.stdout, cleaned.stderr
-    assert not server.home.exists()
+    assert not cache.exists(), f"clean --server left {sorted(str(p.relative_to(cache)) for p in cache.rglob('*'))}"
     project.run().assert_outcomes(passed=2)
 
 

@@ -15,6 +15,7 @@ import contextlib
 import importlib
 import json
 import os
+import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -31,6 +32,7 @@ from pgshard.server import ServerLease, acquire
 from pgshard.server.base import ServerError, ServerInfo
 from pgshard.server.embedded import EmbeddedServer
 from pgshard.settings import Settings, SettingsError, mask_url, resolve
+from pgshard.version import __version__
 
 EXIT_OK = 0
 EXIT_PARTIAL = 1  # clean: some databases could not be dropped (each one is named)
@@ -345,9 +347,23 @@ def cmd_clean_server(args: argparse.Namespace, settings: Settings) -> int:
     if args.dry_run:
         print(f"would stop the embedded server and remove {server.home}; dry run, nothing was removed")
         return EXIT_OK
+    url = server.expected_url()  # before its files go: names its notes of databases being created
     server.remove()
+    _remove_server_notes(server, url)
     print(f"stopped the embedded server and removed {server.home}; the next run re-creates it")
     return EXIT_OK
+
+
+def _remove_server_notes(server: EmbeddedServer, url: str) -> None:
+    """What the cache holds for that server beside its home (its notes of databases being created, its clone
+    times), then the cache's own directories once nothing is left in them: clean --server leaves nothing."""
+    cache = server.home.parent
+    intents = intents_dir(cache, url)
+    for path in (intents, cache / "clone-times" / intents.name):
+        shutil.rmtree(path, ignore_errors=True)
+    for path in (cache / "creating", cache / "clone-times", cache / "locks", cache):
+        with contextlib.suppress(OSError):
+            path.rmdir()  # only when empty: another server's or project's files stay
 
 
 def _marker_host(entry: Entry) -> str | None:
@@ -532,6 +548,7 @@ def cmd_init(args: argparse.Namespace, settings: Settings) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="pgshard", description="pgshard: inspect and clean the PostgreSQL server your tests use.")
+    parser.add_argument("--version", action="version", version=f"pgshard {__version__}")
     _common(parser)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     commands.required = True

@@ -590,6 +590,7 @@ class EmbeddedServer:
             self.cluster.persistent_flag.unlink(missing_ok=True)
             self.stop()
             shutil.rmtree(self.home, ignore_errors=True)
+            self.cluster.lock.remove = True  # unlinked while held: a waiter sees another inode and retries
 
     def set_persistent(self, persistent: bool) -> None:
         if persistent:
