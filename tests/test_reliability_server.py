@@ -527,7 +527,7 @@ def test_waiting_on_a_lock_says_once_who_holds_it_and_what_it_builds(cache: Path
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
         env = {**os.environ, "PGSHARD_CACHE_DIR": str(cache)}
-        waiter = subprocess.Popen([PGSHARD, "status"], env=env, stdout=subprocess.PIPE,
+        waiter = subprocess.Popen([PGSHARD, "clean"], env=env, stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True)
         assert waiter.stderr is not None
         line = waiter.stderr.readline()  # blocks until the waiter speaks

@@ -262,6 +262,7 @@ def status_lines(target: Target, settings: Settings, entries: Sequence[Entry]) -
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     if settings.server == "embedded":
         embedded = _embedded(settings)
+        embedded.ensure_home()  # a cache dir that cannot be made is one line naming pgshard_cache_dir
         if embedded.running_port() is None:  # looked at, not started: its databases are read while it runs
             return _stopped_status(args, settings, embedded)
     with server_for(settings) as target, Admin(target.info.url, settings.prefix) as admin:

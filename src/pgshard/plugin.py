@@ -62,15 +62,29 @@ def pytest_addoption(parser: pytest.Parser) -> None:
             else:
                 group.addoption(opt.cli, dest=f"pgshard_{opt.name}", default=None, help=opt.help)
         if opt.ini:
-            if opt.kind == "lines":
-                parser.addini(opt.ini, opt.help, type="linelist", default=None)
-            else:
-                parser.addini(opt.ini, opt.help, type="string", default=None)
+            default = "" if "default" in opt.help or opt.default is None else f"; default: {opt.default}"
+            text = f"{opt.help} (env {opt.env}{str(default).lower()})" if opt.env else opt.help
+            try:
+                parser.addini(opt.ini, text, type=_INI_TYPES[opt.kind], default=None)
+            except (AssertionError, ValueError):  # pytest < 8.4 has no int type: read as a string
+                parser.addini(opt.ini, text, type="string", default=None)
+
+
+_INI_TYPES: dict[str, Any] = {"lines": "linelist", "bool": "bool", "int": "int", "str": "string"}
+_INI_WANTS = {"bool": "true or false", "int": "a whole number"}
 
 
 def _settings(config: pytest.Config, namespace: Any) -> Settings:
     cli = {opt.name: getattr(namespace, f"pgshard_{opt.name}", None) for opt in OPTIONS if opt.cli}
-    return resolve(cli, os.environ, config.getini, config.rootpath)
+
+    def ini(name: str) -> Any:
+        try:
+            return config.getini(name)
+        except (ValueError, TypeError, pytest.UsageError) as exc:  # pytest's conversion of a bool or int key
+            kind = next(opt.kind for opt in OPTIONS if opt.ini == name)
+            raise SettingsError(f"{name} must be {_INI_WANTS.get(kind, 'text')} ({exc})") from None
+
+    return resolve(cli, os.environ, ini, config.rootpath)
 
 
 def _is_worker_process() -> bool:

@@ -95,3 +95,15 @@ def test_malformed_url_is_one_masked_line(project: Project) -> None:
     assert result.ret != 0
     text = _assert_one_clear_line(result, "--pg-url (or PGSHARD_URL) is not a database URL")
     assert "pw-Secret" not in text
+
+
+def test_help_types_each_ini_key_and_names_its_variable(pytester: pytest.Pytester) -> None:
+    """`pytest --help` as a user reads it: a bool key says (bool), an int key (int) where pytest has that type
+    (8.4 on), each with its environment variable."""
+    has_int = tuple(int(p) for p in pytest.__version__.split(".")[:2]) >= (8, 4)
+    result = pytester.runpytest_subprocess("--help")
+    assert result.ret == 0
+    text = " ".join(result.stdout.str().split())
+    assert "pgshard_rebuild (bool): Rebuild the template" in text and "(env PGSHARD_REBUILD; default: false)" in text
+    assert f"pgshard_linger ({'int' if has_int else 'string'}):" in text and "(env PGSHARD_LINGER)" in text
+    assert "pgshard_migrate (linelist):" in text

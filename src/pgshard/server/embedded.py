@@ -524,6 +524,10 @@ class EmbeddedServer:
         except LockError as exc:
             raise ServerError(str(exc)) from None
 
+    def ensure_home(self) -> None:
+        """The cache dir and this server's home, made (or checked) without starting anything."""
+        self._prepare_home()
+
     def _prepare_home(self) -> None:
         """The cache and our home in it: created private (root: traversable, not listable, so the server
         account reaches its data directory), or, when they exist, trusted only if they are ours."""
