@@ -633,7 +633,17 @@ def _server_line(server: ServerInfo, seconds: float | None, waited: float | None
     took = f", ready in {seconds:.2f} s" if seconds is not None else ""
     if seconds is not None and waited is not None:  # started beside pytest's imports and collection
         took += f" (waited for {min(waited, seconds):.2f} s of it)"
-    return f"server: {server.source}, PostgreSQL {server.version}{took} at {mask_url(server.url)}"
+    return f"server: {server.source}, PostgreSQL {server.version}{took} at {_shown_url(server.url)}"
+
+
+def _shown_url(url: str) -> str:
+    """The server's URL as the summary shows it: masked, without the passfile (a long percent-encoded path in
+    the cache dir, the same on every run)."""
+    with contextlib.suppress(Exception):
+        parsed = make_url(url)
+        if "passfile" in parsed.query:
+            url = parsed.difference_update_query(["passfile"]).render_as_string(hide_password=False)
+    return mask_url(url)
 
 
 def summary_lines(server: ServerInfo | None, stats: list[dict[str, Any]], stale: list[str],

@@ -288,3 +288,15 @@ def test_a_run_that_only_lists_starts_no_server(listing: str, project: Project, 
     result = project.run(listing)
     assert result.ret == pytest.ExitCode.OK, result.stdout.str() + result.stderr.str()
     _nothing_started(own_cache)
+
+
+def test_a_green_runs_summary_shows_no_encoded_path_and_nothing_under_qq(project: Project) -> None:
+    project.pytester.makepyfile(test_startup=TESTS)
+    default = project.run()
+    default.assert_outcomes(passed=2)
+    section = default.stdout.str().split(" pgshard ", 1)[1]
+    server = next(line for line in section.splitlines() if line.startswith("server: "))
+    assert "%2F" not in server and "passfile" not in server, server
+    quiet = project.run("-qq")
+    assert quiet.ret == pytest.ExitCode.OK, quiet.stdout.str()
+    assert " pgshard " not in quiet.stdout.str() and "server: " not in quiet.stdout.str(), quiet.stdout.str()
