@@ -8,6 +8,7 @@ made read-only, a migration that sleeps past the build timeout.
 
 from __future__ import annotations
 
+import re
 import secrets
 import subprocess
 import uuid
@@ -338,3 +339,25 @@ def test_a_fixed_migration_removes_the_failure_file_of_the_broken_one(project: P
     project.write_migration("0002", "0001", 'op.add_column("item", sa.Column("note", sa.Text))')
     project.run("-n", "2").assert_outcomes(passed=1)
     assert list(cache.rglob("*.failed")) == []
+
+
+SLOW = '''
+import time
+
+def main(url):
+    time.sleep(3)  # a build longer than the 2 s after which pgshard says it is building
+'''
+
+
+def test_a_slow_build_says_so_early_and_when_it_ends(
+        pytester: pytest.Pytester, cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytester.makepyfile(seed=SLOW, test_it="def test_it(db_session):\n    pass\n")
+    pytester.makeini("[pytest]\npgshard_migrate = python:seed:main\n")
+    monkeypatch.setenv("PYTHONPATH", str(pytester.path))
+    result = _run(pytester)
+    result.assert_outcomes(passed=1)
+    lines = _text(result).splitlines()
+    running = [line for line in lines if "pgshard: building the template: step 'python:seed:main' running for" in line]
+    built = [line for line in lines if re.fullmatch(r"pgshard: template pgshard_tpl_\w+ built in [\d.]+ s", line)]
+    assert running and len(built) == 1, "\n".join(lines)
+    assert lines.index(running[0]) < lines.index(built[0])

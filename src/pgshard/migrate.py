@@ -66,12 +66,13 @@ class MigrationError(RuntimeError):
 
 @dataclass
 class Watch:
-    """How long a template build may take (``timeout`` seconds, 0: no limit) and who hears, every
-    ``every`` seconds, that it is still running (``progress``: one line)."""
+    """How long a template build may take (``timeout`` seconds, 0: no limit) and who hears, after ``first``
+    seconds and then every ``every`` seconds, that it is still running (``progress``: one line)."""
 
     timeout: float = 0
     progress: Callable[[str], None] | None = None
     every: float = 30
+    first: float = 2  # a build this short says nothing; a longer one says so early, not after 30 s
 
 
 _WATCH = Watch()
@@ -98,13 +99,14 @@ def run_watched(args: Sequence[str], what: Callable[[], str], *, input: bytes | 
 
     watch = _WATCH
     started = time.monotonic()
+    said = False
     proc = subprocess.Popen(list(args), stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True, **kwargs)
     try:
         pending = input
         while True:
             waited = time.monotonic() - started
-            tick = watch.every if watch.progress is not None else None
+            tick = (watch.every if said else min(watch.first, watch.every)) if watch.progress is not None else None
             left = watch.timeout - waited if watch.timeout > 0 else None
             step = min((t for t in (tick, left) if t is not None), default=None)
             try:
@@ -124,6 +126,7 @@ def run_watched(args: Sequence[str], what: Callable[[], str], *, input: bytes | 
             if watch.progress is not None:
                 limit = f" (pgshard_build_timeout {watch.timeout:g} s)" if watch.timeout > 0 else ""
                 watch.progress(f"pgshard: building the template: step '{what()}' running for {waited:.0f} s{limit}")
+                said = True
     finally:
         if proc.poll() is None:  # an interrupt (Ctrl-C) while waiting: the step's processes go with us
             with contextlib.suppress(ProcessLookupError):

@@ -247,6 +247,7 @@ class Template:
             self.admin.drop(build, force=True)
         self.admin.create(build, Marker("build", self.run_id, fingerprint=self.fingerprint()), template="template0")
         url = database_url(self.server.url, build)
+        started = time.monotonic()
         try:
             # in-process steps that use the app's own (redirected or followed) engines build the template too
             # the build child redirects pgshard_redirect's names to the build database too (redirect.CHILD_NAMES)
@@ -257,6 +258,9 @@ class Template:
         except BaseException:
             self.admin.drop(build, force=True)
             raise
+        took = time.monotonic() - started
+        if self.watch.progress is not None and took >= self.watch.first:  # it said it was running: now it ended
+            self.watch.progress(f"pgshard: template {name} built in {took:.1f} s")
         self.admin.terminate(build)  # engines the migrations left open would block every clone
         with self.admin.advisory_lock(swap_lock(name)):  # --pg-rebuild: live runs wait a moment, never fail
             if self.admin.exists(name):
