@@ -8,6 +8,7 @@ made read-only, a migration that sleeps past the build timeout.
 
 from __future__ import annotations
 
+import os
 import re
 import secrets
 import subprocess
@@ -271,7 +272,7 @@ def test_a_hung_migration_is_stopped_at_the_build_timeout_in_one_line(
     pytester.makeini("[pytest]\npgshard_migrate = python:seed:main\npgshard_build_timeout = 3\n")
     pidfile = pytester.path / "hang.pid"
     monkeypatch.setenv("HANG_PIDFILE", str(pidfile))
-    monkeypatch.setenv("PYTHONPATH", str(pytester.path))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(pytester.path), os.environ.get("PYTHONPATH")])))
     result = _run(pytester, "-n", "2")
     text = _text(result)
     assert result.ret != 0
@@ -353,7 +354,7 @@ def test_a_slow_build_says_so_early_and_when_it_ends(
         pytester: pytest.Pytester, cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     pytester.makepyfile(seed=SLOW, test_it="def test_it(db_session):\n    pass\n")
     pytester.makeini("[pytest]\npgshard_migrate = python:seed:main\n")
-    monkeypatch.setenv("PYTHONPATH", str(pytester.path))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(pytester.path), os.environ.get("PYTHONPATH")])))
     result = _run(pytester)
     result.assert_outcomes(passed=1)
     lines = _text(result).splitlines()
@@ -361,3 +362,24 @@ def test_a_slow_build_says_so_early_and_when_it_ends(
     built = [line for line in lines if re.fullmatch(r"pgshard: template pgshard_tpl_\w+ built in [\d.]+ s", line)]
     assert running and len(built) == 1, "\n".join(lines)
     assert lines.index(running[0]) < lines.index(built[0])
+
+
+def test_pytest_split_durations_do_not_charge_the_start_up_to_the_first_test(
+        pytester: pytest.Pytester, cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """pytest-split beside pgshard: the first test's recorded duration is its own, not the 3 s build's (which
+    the pgshard summary reports), so that test is not put in a group alone."""
+    import json
+
+    pytest.importorskip("pytest_split", reason="pytest-split is a dev dependency: pip install -e '.[dev]'")
+    pytester.makepyfile(seed=SLOW, test_it="def test_a(db_session):\n    pass\n\ndef test_b(db_session):\n    pass\n")
+    pytester.makeini("[pytest]\npgshard_migrate = python:seed:main\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(pytester.path), os.environ.get("PYTHONPATH")])))
+    durations = pytester.path / ".test_durations"
+    result = _run(pytester, "--store-durations", "--durations-path", str(durations))
+    result.assert_outcomes(passed=2)
+    build = re.search(r"built in ([\d.]+) s \(cache miss\)", result.stdout.str())
+    assert build is not None and float(build.group(1)) >= 3, result.stdout.str()
+    stored = json.loads(durations.read_text())
+    seconds = dict(stored) if isinstance(stored, list) else stored
+    assert set(seconds) == {"test_it.py::test_a", "test_it.py::test_b"}, seconds
+    assert seconds["test_it.py::test_a"] < float(build.group(1)) / 2, seconds  # the build is not in it

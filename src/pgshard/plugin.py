@@ -383,6 +383,11 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     outcome = yield
     report: pytest.TestReport = outcome.get_result()
     run = item.config.stash.get(RUN, None)
+    if run is not None and run.startup_charge and call.when == "setup":
+        # the run's start-up is not this test's: durations files (pytest-split's, --pg-store-durations) and
+        # --durations get the test's own setup time; the summary reports the start-up
+        report.duration = max(0.0, report.duration - run.startup_charge)
+        run.startup_charge = 0.0
     if call.excinfo is not None and call.excinfo.errisinstance(SandboxError):
         report.longrepr = f"pgshard: {call.excinfo.value}"
     elif call.excinfo is not None and not call.excinfo.errisinstance(pytest.fail.Exception):

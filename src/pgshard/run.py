@@ -55,6 +55,7 @@ class Run:
     notes: list[str] = field(default_factory=list)  # said once in the summary (a blind command cache, a repair)
     failure: Exception | None = None  # the worker's database could not be made
     commit_tests: int = 0  # db_commit tests whose setup passed, counted from reports (controller)
+    startup_charge: float = 0.0  # seconds of this process's one-time start-up inside a test's setup, not yet taken
     fault: str | None = None  # the first foreign fault's one line (faults.py): later ones repeat it
     finish_error: str | None = None  # why this worker's clones could not be dropped
     _secrets: list[str] | None = field(default=None, repr=False)
@@ -497,11 +498,14 @@ class Run:
         A failure is kept and raised again: the run stops, it does not rebuild once per test."""
         if self.failure is not None:
             raise self.failure
+        started = time.perf_counter() if self.database is None else None
         try:
             database = self.worker_database()
         except Exception as exc:
             self.failure = exc
             raise
+        if started is not None:  # server, template, clone: the run's, not the test's whose setup did it
+            self.startup_charge += time.perf_counter() - started
         if self.wants_commit_pool and self.clones is not None:
             self.clones.start_pool()
         return database
