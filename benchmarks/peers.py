@@ -13,6 +13,7 @@ py-pglite also needs node and npm (its server is PGlite under node): checked her
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import site
@@ -97,6 +98,25 @@ def _npm_install(directory: Path) -> str | None:
     return None if done.returncode == 0 else f"npm install failed: {_last_line(done.stderr or done.stdout)}"
 
 
+# what the peers must share with the harness (see above): a peer may not pull a release of its own over them
+SHARED = ("pytest", "pytest-asyncio", "SQLAlchemy", "psycopg", "psycopg-binary", "pytest-xdist")
+
+
+def _harness_pins(work_dir: Path) -> Path:
+    """A constraints file pinning SHARED to the harness's own versions: on a pytest 7.4 floor a peer's newest
+    release that needs pytest 9 would otherwise install pytest 9 into the peers venv, ahead of the harness's
+    plugins, and every peer run would break; pip picks the peer's newest release that fits instead, or none."""
+    from importlib import metadata
+
+    pins = []
+    for dist in SHARED:
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            pins.append(f"{dist}=={metadata.version(dist)}")
+    path = work_dir / "peer-constraints.txt"
+    path.write_text("\n".join(pins) + "\n")
+    return path
+
+
 def ensure(work_dir: Path, wanted: list[str]) -> Peers:
     """The peers venv with every wanted peer that installs here (newest releases); reasons for the rest."""
     python = _venv(work_dir / "peers-venv")
@@ -110,7 +130,7 @@ def ensure(work_dir: Path, wanted: list[str]) -> Peers:
         if probe.returncode != 0:
             peers.dropped[dist] = f"pip download --no-deps {dist} failed: {_last_line(probe.stderr)}"
             continue
-        done = _pip(python, "install", with_deps.get(dist, dist))
+        done = _pip(python, "install", "-c", str(_harness_pins(work_dir)), with_deps.get(dist, dist))
         if done.returncode != 0:
             peers.dropped[dist] = f"pip install {dist} failed: {_last_line(done.stderr)}"
     peers.versions = _installed(python, wanted)
