@@ -156,6 +156,8 @@ def pytest_load_initial_conftests(early_config: pytest.Config, parser: pytest.Pa
                 run.cleans_up = not distributes
                 if run.server is not None:
                     os.environ[HANDOFF] = run.handoff(clean_up=distributes)
+                else:  # handed to the workers at session start, however soon the thread is done
+                    run.handoff_later = distributes
         os.environ.update(run.database_env())
         if settings.redirect:  # before any conftest builds an engine or overwrites os.environ
             if run.server_url is None:
@@ -176,7 +178,8 @@ def pytest_load_initial_conftests(early_config: pytest.Config, parser: pytest.Pa
 def pytest_sessionstart(session: pytest.Session) -> None:
     """xdist's controller starts its workers at session start: the server they are handed must be up."""
     run = session.config.stash.get(RUN, None)
-    if run is not None and run.starting and _distributes(session.config.option) and not _is_worker_process():
+    if run is not None and run.handoff_later:
+        run.handoff_later = False
         _server_ready(run)
         os.environ[HANDOFF] = run.handoff(clean_up=True)
 

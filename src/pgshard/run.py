@@ -55,6 +55,7 @@ class Run:
     notes: list[str] = field(default_factory=list)  # said once in the summary (a blind command cache, a repair)
     failure: Exception | None = None  # the worker's database could not be made
     commit_tests: int = 0  # db_commit tests whose setup passed, counted from reports (controller)
+    handoff_later: bool = False  # an xdist controller whose server start overlaps: HANDOFF set at session start
     startup_charge: float = 0.0  # seconds of this process's one-time start-up inside a test's setup, not yet taken
     fault: str | None = None  # the first foreign fault's one line (faults.py): later ones repeat it
     finish_error: str | None = None  # why this worker's clones could not be dropped

@@ -300,3 +300,4 @@ def test_a_green_runs_summary_shows_no_encoded_path_and_nothing_under_qq(project
     quiet = project.run("-qq")
     assert quiet.ret == pytest.ExitCode.OK, quiet.stdout.str()
     assert " pgshard " not in quiet.stdout.str() and "server: " not in quiet.stdout.str(), quiet.stdout.str()
+
