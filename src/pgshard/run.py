@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.engine import make_url
 
@@ -26,10 +26,13 @@ from pgshard.admin import Admin, intents_dir
 from pgshard.clones import Clones, CloneTimes, Database, drop_stale, worker_database_name
 from pgshard.host import default_cache_dir
 from pgshard.migrate import Migrator, Watch, blind_commands, hash_globs, parse_migrators
-from pgshard.server import ServerLease, acquire
+from pgshard.server import ServerLease, acquire, embedded_lease
 from pgshard.server.base import ServerError, ServerInfo, connect, passfile_secrets
 from pgshard.settings import Settings, env_assignments, mask_url, placeholders
 from pgshard.template import BuildLifecycle, Template, TemplateResult, build_fingerprint, database_url, project_key
+
+if TYPE_CHECKING:
+    from pgshard.server.embedded import EmbeddedServer
 
 HANDOFF = "PGSHARD_HANDOFF"  # controller -> xdist workers: the server and the run id
 
@@ -99,11 +102,9 @@ class Run:
                 self._drop_stale()
         return self.server
 
-    def _lease(self, embedded: Any = None) -> ServerLease:
+    def _lease(self, embedded: EmbeddedServer | None = None) -> ServerLease:
         try:
-            if embedded is not None:
-                return ServerLease(embedded.acquire(), embedded.release, notes=embedded.notes)
-            return acquire(self.settings)
+            return acquire(self.settings) if embedded is None else embedded_lease(embedded)
         except OSError as exc:  # a lock path that is a directory, a cache dir on a read-only filesystem
             where = f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc)
             raise ServerError(f"cannot use the cache dir ({where}); fix that path or set pgshard_cache_dir "
@@ -213,7 +214,7 @@ class Run:
         thread that then imports waits for ever.) Its clone is dropped at exit even when pytest never gets
         to unconfigure (a conftest that fails to import, a usage error)."""
         clean_up, runs_tests = self.cleans_up, clone
-        starting = self.server is None and self._server_done is not None  # start_server's overlapped start
+        starting = self.starting  # start_server's overlapped start, not waited for yet
         if (self.server is None and not starting) or self._background is not None or not (clean_up or clone):
             return
         if starting:  # a server just initialised or started: naming the template would wait for it here

@@ -8,11 +8,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from pgshard.server.base import ServerError, ServerInfo
 from pgshard.settings import Settings
 
-__all__ = ["ServerError", "ServerInfo", "ServerLease", "acquire"]
+if TYPE_CHECKING:
+    from pgshard.server.embedded import EmbeddedServer
+
+__all__ = ["ServerError", "ServerInfo", "ServerLease", "acquire", "embedded_lease"]
 
 
 @dataclass
@@ -41,5 +45,9 @@ def acquire(settings: Settings) -> ServerLease:
         return docker_server(settings)
     from pgshard.server.embedded import EmbeddedServer
 
-    embedded = EmbeddedServer(settings.pg_bin, settings.cache_dir, linger=settings.linger)
+    return embedded_lease(EmbeddedServer(settings.pg_bin, settings.cache_dir, linger=settings.linger))
+
+
+def embedded_lease(embedded: EmbeddedServer) -> ServerLease:
+    """The lease of an embedded server already made (run.py plans its port before it starts it)."""
     return ServerLease(embedded.acquire(), embedded.release, notes=embedded.notes)
