@@ -165,7 +165,7 @@ def isolation(chosen: list[Contender], bench: Bench, project: Project, dirs: Dir
         result = run(contender, bench, project, dirs, 0, 0, peers=peers, shuffle=SEED, tests=tests)
         found[contender.name] = {"passed": result.passed, "expected": result.expected,
                                  "isolated": result.ok, "seed": SEED,
-                                 "broke": "OperationalError" in result.error or result.error.startswith("killed"),
+                                 "broke": result.broke,
                                  "tail": result.error[-2000:]}
         verdict = "isolated" if result.ok else f"NOT isolated ({result.expected - result.passed} probes failed)"
         print(f"  [isolation] {contender.name:<22} {result.passed}/{result.expected} shuffled: {verdict}", flush=True)
@@ -321,7 +321,18 @@ def run_benchmarks(args: argparse.Namespace) -> int:
     stats, goals = report.write(args.results_dir, chosen, results, facts, config)
     _print(stats, goals, facts)
     print(f"\nresults: {args.results_dir / 'results.md'} (+ .json, .png); took {config['total_seconds']} s")
-    return 0 if all(r.ok for r in results) else 1
+    return _exit_code(results, {name for name, c in registry.BY_NAME.items() if c.peer})
+
+
+def _exit_code(results: list[RunResult], peers: set[str]) -> int:
+    """1 when a run failed; a peer's run whose own server died or hung is a finding about that peer (reported
+    in the results with its output), not a failure of the harness: py-pglite's node server does that under
+    load (benchmarks/README.md)."""
+    findings = sorted({r.name for r in results if not r.ok and r.broke and r.name in peers})
+    for name in findings:
+        print(f"peer run {name} broke (its server died or hung): reported in the results, not counted as a "
+              "failure of the harness", flush=True)
+    return 0 if all(r.ok or (r.broke and r.name in peers) for r in results) else 1
 
 
 def _interrupt(signum: int, frame: object) -> None:

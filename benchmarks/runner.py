@@ -67,6 +67,11 @@ class RunResult:
     def ok(self) -> bool:
         return not self.error
 
+    @property
+    def broke(self) -> bool:
+        """Its database server went away under it (connections lost) or it hung until its time limit."""
+        return "OperationalError" in self.error or self.error.startswith("killed after")
+
 
 def selection_args(contender: Contender, project: Project, subset: int) -> tuple[list[str], int]:
     if contender.selection == "full":
