@@ -84,7 +84,7 @@ def copy_project(root: Path) -> Path:
 
 def plain_database(server_url: str, name: str) -> str:
     from pgshard.server.base import to_libpq
-    from pgshard.template import database_url
+    from pgshard.settings import database_url
 
     with psycopg.connect(to_libpq(server_url), autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

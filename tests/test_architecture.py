@@ -57,3 +57,9 @@ def test_a_row_that_says_less_than_the_code_is_caught() -> None:
     table["run"] = table["run"] - {"template"}
     del table["version"]
     assert set(_differences(table, _code())) == {"run", "version"}
+
+
+def test_no_two_modules_import_each_other() -> None:
+    code = _code()
+    both = sorted(f"{a} <-> {b}" for a, imports in code.items() for b in imports if a < b and a in code.get(b, set()))
+    assert both == []

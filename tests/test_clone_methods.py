@@ -22,8 +22,8 @@ import pytest
 from pgshard import clones as clones_module
 from pgshard.admin import Admin, CloneMethod
 from pgshard.clones import WAL_LOG_FIRST_UP_TO_BYTES, Clones, clone_method, clone_times_file
-from pgshard.migrate import parse_migrators
 from pgshard.server.base import ServerInfo, supports_reflink
+from pgshard.steps import parse_migrators
 from pgshard.template import Template
 
 

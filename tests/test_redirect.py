@@ -22,8 +22,7 @@ from pgshard import redirect
 from pgshard.admin import Admin, Marker
 from pgshard.run import Run
 from pgshard.server.base import ServerError, ServerInfo
-from pgshard.settings import Settings
-from pgshard.template import database_url
+from pgshard.settings import Settings, database_url
 
 NOWHERE = "app:secret@db.example.invalid:5432"  # a host that does not exist: only a redirect can reach a server
 

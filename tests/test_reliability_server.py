@@ -542,13 +542,22 @@ def test_waiting_on_a_lock_says_once_who_holds_it_and_what_it_builds(cache: Path
         holder.wait()
 
 
-def test_template_lock_files_are_removed_when_done(
+def test_the_coordinator_keeps_one_lock_file_per_server_and_project_whatever_the_fingerprint(
         project: Project, cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """filelock's lock stays in place (nothing to unlink safely), so there must be one per project, not one
+    per template built: three builds of two fingerprints leave the same two files (the lock and its holder
+    record, empty once released)."""
     monkeypatch.setenv("PGSHARD_CACHE_DIR", str(cache))
     project.pytester.makepyfile(test_one=ONE_DB_TEST)
     project.run("-n", "2").assert_outcomes(passed=2)
+    first = sorted(p.name for p in (cache / "locks").iterdir())
     project.run("--pg-rebuild").assert_outcomes(passed=2)
-    assert list((cache / "locks").glob("*")) == []
+    project.write_migration("0003", "0002", 'op.add_column("item", sa.Column("extra", sa.Text))')  # new fingerprint
+    project.run("-n", "2").assert_outcomes(passed=2)
+    assert project.migrations_ran() == 2 + 2 + 3  # each of the three builds really ran its revisions
+    names = sorted(p.name for p in (cache / "locks").iterdir())
+    assert names == first and len(names) == 2 and names[0].endswith(".lock") and names[1].endswith(".lock.holder")
+    assert (cache / "locks" / names[1]).read_text() == ""  # released: it names nobody
 
 
 def test_a_lock_held_by_a_dead_process_is_taken_at_once(tmp_path: Path) -> None:
@@ -562,6 +571,33 @@ def test_a_lock_held_by_a_dead_process_is_taken_at_once(tmp_path: Path) -> None:
     assert lock.acquire() < 5
     assert (holder(path) or {}).get("identity") == process_identity()
     lock.release()
+
+
+def test_the_coordinator_lock_names_its_holder_to_a_waiter_and_is_free_once_the_holder_is_gone(
+        tmp_path: Path) -> None:
+    from pgshard.lockfile import CoordinatorLock, LockTimeout, set_announcer
+
+    path = tmp_path / "x.lock"
+    code = HOLD_LOCK.replace("HolderLock", "CoordinatorLock")
+    holder_proc = subprocess.Popen([sys.executable, "-c", code, str(path)], stdin=subprocess.PIPE,
+                                   stdout=subprocess.PIPE, text=True)
+    said: list[str] = []
+    previous = set_announcer(said.append)
+    try:
+        assert holder_proc.stdout is not None and holder_proc.stdout.readline().strip() == "held"
+        waiter = CoordinatorLock(path, "building template b", timeout=0.6, announce_after=0.2)
+        with pytest.raises(LockTimeout, match=f"waited 1 s for pid {holder_proc.pid} \\(building template "
+                                              "pgshard_tpl_test"):
+            waiter.acquire()
+        assert len(said) == 1 and f"waiting for pid {holder_proc.pid} (building template pgshard_tpl_test" in said[0]
+        assert said[0].endswith("before building template b")
+        holder_proc.kill()  # no release: the kernel drops a dead holder's flock
+        holder_proc.wait()
+        assert CoordinatorLock(path, "after", timeout=30).acquire() < 30
+    finally:
+        set_announcer(previous)
+        holder_proc.kill()
+        holder_proc.wait()
 
 
 FULL_DISK_LOCK = textwrap.dedent("""

@@ -19,19 +19,22 @@ import traceback
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from sqlalchemy.engine import make_url
+
 from pgshard import redirect
+from pgshard.admin import Admin, Marker
 from pgshard.migrate import (
     AlembicMigrator,
-    CommandMigrator,
     MetadataMigrator,
     MigrationError,
     Migrator,
     PythonMigrator,
     SqlMigrator,
-    interpreter_env,
     run_watched,
 )
-from pgshard.settings import temporary_env
+from pgshard.server.base import ServerError
+from pgshard.settings import database_url, temporary_env
+from pgshard.steps import CommandMigrator, interpreter_env
 
 # Steps that run the project's Python: these go to the child. ``sql:`` files touch no Python of the
 # project (psycopg on the given URL), a command is a process of its own already, and a Migrator object a
@@ -114,6 +117,52 @@ def _events(data: bytes) -> list[dict[str, Any]]:
     return events
 
 
+def build_name(template: str) -> str:
+    """Where a template is built before it is renamed and sealed."""
+    return f"{template}_build"
+
+
+def build_fingerprint(name: str, prefix: str) -> str | None:
+    """The fingerprint of the template being built under ``name``; None when ``name`` is no build database."""
+    head, tail = f"{prefix}_tpl_", build_name("")
+    if name.startswith(head) and name.endswith(tail) and len(name) > len(head) + len(tail):
+        return name[len(head):-len(tail)]
+    return None
+
+
+class BuildLifecycle:
+    """While a template is built, the app's CREATE/DROP DATABASE of a redirected name (a step that resets
+    the app's database itself) act on the build database: dropped, then made afresh with its marker."""
+
+    def __init__(self, url: str) -> None:
+        self.name = make_url(url).database or ""
+        self.prefix = self.name.split("_tpl_", 1)[0]
+        self.fingerprint = build_fingerprint(self.name, self.prefix)
+        self.admin_url = database_url(url, "postgres")
+        self.marker: Marker | None = None  # the build's own (its builder's pid keeps it from stale cleanup)
+
+    def _check(self, name: str) -> None:
+        if self.fingerprint is None or name != self.name:
+            raise ServerError(f"while a template is built pgshard acts only on its build database, not {name}")
+
+    def create_database(self, name: str) -> bool:
+        self._check(name)
+        with Admin(self.admin_url, self.prefix) as admin:
+            if admin.exists(name):
+                return False
+            admin.create(name, self.marker or Marker("build", fingerprint=self.fingerprint or ""),
+                         template="template0")
+        return True
+
+    def drop_database(self, name: str) -> bool:
+        self._check(name)
+        with Admin(self.admin_url, self.prefix) as admin:
+            found = admin.info(name)
+            if found is not None and found.marker is not None:
+                self.marker = found.marker
+            return admin.drop(name, force=True)
+
+
 def main() -> int:
     """The child: unpickle the steps, apply them, report on the real stdout in JSON lines (each step as
     it starts, then the outcome). Whatever the steps print goes to stderr: it cannot pass for a report."""
@@ -121,8 +170,6 @@ def main() -> int:
     os.dup2(2, 1)
     sys.stdout = sys.stderr
     migrators, url = pickle.loads(sys.stdin.buffer.read())
-    from pgshard.template import BuildLifecycle  # here: template.py imports this module
-
     redirect.from_environment(url, BuildLifecycle(url))  # the app's hard-coded engines build the template too
     with result:
         for migrator in migrators:

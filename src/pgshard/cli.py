@@ -10,28 +10,34 @@ Every error is one line on stderr, passwords masked, exit code 2: this runs in C
 from __future__ import annotations
 
 import argparse
-import configparser
 import contextlib
-import importlib
 import json
 import os
 import shutil
 import sys
-import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
 import psycopg
 
-from pgshard.admin import Admin, DatabaseInfo, NotOurs, intents_dir
-from pgshard.clones import stale_databases
-from pgshard.host import default_cache_dir, host_identity, pid_alive
+from pgshard import configfile
+from pgshard.admin import Admin, NotOurs, intents_dir
+from pgshard.host import default_cache_dir, host_identity
 from pgshard.server import ServerLease, acquire
-from pgshard.server.base import ServerError, ServerInfo
+from pgshard.server.base import ServerError
 from pgshard.server.embedded import EmbeddedServer
 from pgshard.settings import Settings, SettingsError, mask_url, resolve
+from pgshard.survey import (
+    Target,
+    describe,
+    lease_pids,
+    marker_host,
+    plan_all,
+    status_lines,
+    survey,
+)
+from pgshard.template import server_lock_key
 from pgshard.version import __version__
 
 EXIT_OK = 0
@@ -43,56 +49,6 @@ class CliError(Exception):
     """A problem the user fixes; printed as one line."""
 
 
-# -- settings: CLI > env > the project's pytest ini > defaults, like a test run -------------------------------
-def _toml(path: Path) -> dict[str, Any] | None:
-    try:
-        toml: Any = importlib.import_module("tomllib")
-    except ImportError:  # Python 3.10: pytest itself depends on tomli there
-        try:
-            toml = importlib.import_module("tomli")
-        except ImportError:
-            return None
-    try:
-        with path.open("rb") as fh:
-            data: dict[str, Any] = toml.load(fh)
-    except (OSError, ValueError) as exc:
-        raise CliError(f"cannot read {path}: {exc}") from None
-    return data
-
-
-def _ini_section(path: Path, section: str) -> dict[str, str] | None:
-    parser = configparser.RawConfigParser()  # raw: a URL's %40 must not be interpolated
-    try:
-        parser.read(path, encoding="utf-8")
-    except (OSError, configparser.Error) as exc:
-        raise CliError(f"cannot read {path}: {' '.join(str(exc).split())}") from None
-    return dict(parser.items(section)) if parser.has_section(section) else None
-
-
-def find_ini(start: Path) -> tuple[Path | None, dict[str, Any]]:
-    """The pytest configuration pytest itself would pick (from ``start`` upwards, first match wins):
-    pytest.ini, .pytest.ini, pyproject.toml with [tool.pytest.ini_options] or [tool.pytest], tox.ini
-    with [pytest], setup.cfg with [tool:pytest]. Returns (its directory, its keys)."""
-    for directory in (start, *start.parents):
-        for name in ("pytest.ini", ".pytest.ini"):
-            if (directory / name).is_file():
-                return directory, _ini_section(directory / name, "pytest") or {}
-        pyproject = directory / "pyproject.toml"
-        if pyproject.is_file():
-            data = _toml(pyproject)
-            tool = (data or {}).get("tool", {}).get("pytest")
-            if isinstance(tool, dict):
-                options = tool.get("ini_options", tool)
-                if isinstance(options, dict):
-                    return directory, options
-        for name, section in (("tox.ini", "pytest"), ("setup.cfg", "tool:pytest")):
-            if (directory / name).is_file():
-                found = _ini_section(directory / name, section)
-                if found is not None:
-                    return directory, found
-    return None, {}
-
-
 def load_settings(args: argparse.Namespace, environ: Mapping[str, str] | None = None,
                   cwd: Path | None = None) -> Settings:
     cwd = Path.cwd() if cwd is None else cwd
@@ -102,19 +58,12 @@ def load_settings(args: argparse.Namespace, environ: Mapping[str, str] | None = 
         value = getattr(args, attr, None)
         if value:
             env[var] = str(value)
-    inidir, ini = find_ini(cwd)
+    inidir, ini = configfile.find_ini(cwd)
     cli = {"url": getattr(args, "pg_url", None), "server": getattr(args, "pg_server", None)}
     return resolve(cli, env, ini.get, inidir or cwd)
 
 
 # -- which server --------------------------------------------------------------------------------------------
-@dataclass
-class Target:
-    info: ServerInfo
-    embedded: EmbeddedServer | None  # when the server is the embedded one
-    started_here: bool  # the embedded server was not running: started for this command, released after
-
-
 @contextlib.contextmanager
 def server_for(settings: Settings) -> Iterator[Target]:
     """The server a run would use, held for the duration of the command."""
@@ -125,7 +74,7 @@ def server_for(settings: Settings) -> Iterator[Target]:
         finally:
             lease.release()
         return
-    embedded = EmbeddedServer(settings.pg_bin, settings.cache_dir, linger=settings.linger)
+    embedded = EmbeddedServer.for_settings(settings)
     was_running = embedded.running_port() is not None
     info = embedded.acquire()
     for note in embedded.notes:  # a repaired cache, said once
@@ -134,129 +83,6 @@ def server_for(settings: Settings) -> Iterator[Target]:
         yield Target(info, embedded, not was_running)
     finally:
         embedded.release()
-
-
-# -- formatting ----------------------------------------------------------------------------------------------
-def human_size(size: int) -> str:
-    value = float(size)
-    for unit in ("B", "kB", "MB", "GB"):
-        if value < 1024 or unit == "GB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
-
-
-def human_age(seconds: float) -> str:
-    seconds = max(0, int(seconds))
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m {seconds % 60}s"
-    if seconds < 86400:
-        return f"{seconds // 3600}h {seconds % 3600 // 60}m"
-    return f"{seconds // 86400}d {seconds % 86400 // 3600}h"
-
-
-def table(rows: Sequence[Sequence[str]], indent: str = "  ") -> list[str]:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return [indent + "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
-            for row in rows]
-
-
-# -- what is on the server -----------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Entry:
-    """One of our databases, with what we can tell about its owner."""
-
-    db: DatabaseInfo
-    alive: bool | None  # owner process alive (None: another host, cannot tell)
-    age: float
-    stale: bool
-
-    @property
-    def kind(self) -> str:
-        return self.db.marker.kind if self.db.marker else "unmarked"
-
-    def as_json(self) -> dict[str, Any]:
-        marker = self.db.marker
-        return {
-            "name": self.db.name, "kind": self.kind, "run": marker.run if marker else None,
-            "host": marker.host if marker else None, "pid": marker.pid if marker else None,
-            "alive": self.alive, "started": marker.started if marker else None, "age_seconds": round(self.age, 1),
-            "fingerprint": (marker.fingerprint or None) if marker else None, "size_bytes": self.db.size_bytes,
-            "connections": self.db.connections, "stale": self.stale,
-        }
-
-
-def survey(admin: Admin, ttl_hours: float) -> list[Entry]:
-    now = time.time()
-    host = host_identity()
-    stale = set(stale_databases(admin, ttl_hours, now))
-    entries = []
-    for db in admin.databases(sizes=True):
-        marker = db.marker
-        alive = None if marker is None or marker.host != host else pid_alive(marker.pid)
-        age = now - marker.started if marker else 0.0
-        entries.append(Entry(db, alive, age, db.name in stale))
-    return entries
-
-
-def _owner(entry: Entry) -> list[str]:
-    marker = entry.db.marker
-    assert marker is not None
-    alive = {True: "alive", False: "dead", None: "?"}[entry.alive]
-    return [marker.run or "-", marker.host, str(marker.pid), alive]
-
-
-SECTIONS = (("template", "templates"), ("clone", "clones"), ("kept", "kept clones (--pg-keep)"),
-            ("build", "template builds (in progress, or crashed half-way)"))
-
-
-def status_lines(target: Target, settings: Settings, entries: Sequence[Entry]) -> list[str]:
-    info = target.info
-    lines = [f"server:   {info.source}", f"version:  PostgreSQL {info.version}", f"url:      {info.masked_url}"]
-    if target.embedded is not None:
-        state = target.embedded.status()
-        others = [pid for pid in _leases(state) if pid != str(os.getpid())]
-        if target.started_here and target.embedded.linger:
-            running = f"no: started for this command; stops {target.embedded.linger} s after it (pgshard_linger)"
-        elif target.started_here:
-            running = "no: started for this command, stopped again after it"
-        elif state["persistent"]:
-            running = "yes, persistent (`pgshard server stop` to stop it)"
-        elif target.embedded.linger:
-            running = f"yes, started by a run; stops {target.embedded.linger} s after the last one ends"
-        else:
-            running = "yes, started by a run; stops when the last one ends"
-        if others:
-            running += f"; in use by {len(others)} process(es): pids {', '.join(sorted(others))}"
-        lines += [f"running:  {running}", f"data:     {state['home']}"]
-    lines.append(f"prefix:   {settings.prefix}")
-    for kind, title in SECTIONS:
-        found = [e for e in entries if e.kind == kind]
-        if kind == "build" and not found:
-            continue
-        lines += ["", f"{title}: {len(found) or 'none'}"]
-        if not found:
-            continue
-        if kind == "template":
-            rows = [["NAME", "FINGERPRINT", "SIZE", "AGE", "BUILT BY RUN", "HOST", "PID", "OWNER"]]
-            rows += [[e.db.name, e.db.marker.fingerprint if e.db.marker else "", human_size(e.db.size_bytes),
-                      human_age(e.age), *_owner(e)] for e in found]
-        else:
-            rows = [["NAME", "RUN", "HOST", "PID", "OWNER", "AGE", "SIZE", "CONN", ""]]
-            rows += [[e.db.name, *_owner(e), human_age(e.age), human_size(e.db.size_bytes), str(e.db.connections),
-                      "stale" if e.stale else ""] for e in found]
-        lines += table(rows)
-    unmarked = [e for e in entries if e.db.marker is None]
-    if unmarked:
-        lines += ["", f"not pgshard's (our prefix but no ownership marker; never touched): {len(unmarked)}"]
-        lines += [f"  {e.db.name}" for e in unmarked]
-    stale = [e for e in entries if e.stale]
-    if stale:
-        lines += ["", f"{len(stale)} stale (dead runs on this host, other hosts' older than "
-                      f"{settings.stale_ttl_hours} h): `pgshard clean` drops them"]
-    return lines
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
@@ -295,46 +121,6 @@ def _stopped_status(args: argparse.Namespace, settings: Settings, embedded: Embe
 
 
 # -- clean ---------------------------------------------------------------------------------------------------
-def plan_all(entries: Sequence[Entry]) -> tuple[list[Entry], list[tuple[Entry, str]]]:
-    """``clean --all``: every marked database, except what a live run on this host uses (its clones and
-    builds, the templates those were cloned from) and anything with open connections (another host's run,
-    or someone looking at a kept clone in psql). Returns (to drop, [(kept, why)])."""
-    live = [e for e in entries if e.db.marker is not None and e.alive and e.kind != "template"]
-    drop: list[Entry] = []
-    skip: list[tuple[Entry, str]] = []
-    for entry in entries:
-        marker = entry.db.marker
-        if marker is None:
-            continue  # never ours to drop
-        if entry.kind == "template":
-            users = sorted({str(e.db.marker.pid) for e in live
-                            if e.db.marker is not None and e.db.marker.fingerprint == marker.fingerprint})
-            # a clone marked by an older pgshard does not name its template: it could be any of them
-            unknown = any(e.db.marker is not None and not e.db.marker.fingerprint for e in live)
-            if entry.alive:
-                skip.append((entry, f"built by a live run on this host (pid {marker.pid})"))
-            elif users:
-                skip.append((entry, f"live runs on this host clone from it (pids {', '.join(users)})"))
-            elif unknown:
-                skip.append((entry, "a live run on this host uses a template it does not name"))
-            else:
-                drop.append(entry)
-        elif entry.alive:
-            skip.append((entry, f"in use by a live run on this host (pid {marker.pid})"))
-        elif entry.db.connections:
-            skip.append((entry, f"{entry.db.connections} open connection(s); close them and run again"))
-        else:
-            drop.append(entry)
-    return drop, skip
-
-
-def _describe(entry: Entry) -> str:
-    marker = entry.db.marker
-    assert marker is not None
-    alive = {True: "alive", False: "dead", None: "other host"}[entry.alive]
-    return f"{entry.kind}, run {marker.run or '-'}, {marker.host} pid {marker.pid} {alive}, age {human_age(entry.age)}"
-
-
 def cmd_clean_server(args: argparse.Namespace, settings: Settings) -> int:
     """``clean --server``: the embedded server's whole cache (data directory, templates, passfile), for a
     damaged one; the next run re-creates it."""
@@ -362,13 +148,11 @@ def _remove_server_notes(server: EmbeddedServer, url: str) -> None:
     intents = intents_dir(cache, url)
     for path in (intents, cache / "clone-times" / intents.name):
         shutil.rmtree(path, ignore_errors=True)
+    for path in (cache / "locks").glob(f"{server_lock_key(url)}-*"):  # its template locks: nobody uses it now
+        path.unlink(missing_ok=True)
     for path in (cache / "creating", cache / "clone-times", cache / "locks", cache):
         with contextlib.suppress(OSError):
             path.rmdir()  # only when empty: another server's or project's files stay
-
-
-def _marker_host(entry: Entry) -> str | None:
-    return entry.db.marker.host if entry.db.marker is not None else None
 
 
 def cmd_clean(args: argparse.Namespace, settings: Settings) -> int:
@@ -389,7 +173,7 @@ def cmd_clean(args: argparse.Namespace, settings: Settings) -> int:
             what = "kept clone(s) (--pg-keep)"
         else:  # exactly what a run drops at its start: another host's, past the TTL, only without sessions
             host = host_identity()
-            drop = [e for e in entries if e.stale and (not e.db.connections or _marker_host(e) == host)]
+            drop = [e for e in entries if e.stale and (not e.db.connections or marker_host(e) == host)]
             skip = [(e, f"another host's, past the TTL, but {e.db.connections} open connection(s): a live run")
                     for e in entries if e.stale and e not in drop]
             what = (f"stale database(s) (dead runs on this host, other hosts' older than "
@@ -407,7 +191,7 @@ def cmd_clean(args: argparse.Namespace, settings: Settings) -> int:
                     print(f"  could not drop {entry.db.name}: {mask_url(' '.join(str(exc).split()))}")
                     continue
             dropped.append(entry.db.name)
-            print(f"  {verb} {entry.db.name} ({_describe(entry)})")
+            print(f"  {verb} {entry.db.name} ({describe(entry)})")
         if not args.dry_run:
             for name in admin.abandoned():
                 dropped.append(name)
@@ -423,11 +207,7 @@ def cmd_clean(args: argparse.Namespace, settings: Settings) -> int:
 
 # -- the embedded server -------------------------------------------------------------------------------------
 def _embedded(settings: Settings) -> EmbeddedServer:
-    return EmbeddedServer(settings.pg_bin, settings.cache_dir, linger=settings.linger)
-
-
-def _leases(state: Mapping[str, object]) -> list[str]:
-    return [str(pid) for pid in cast(list[object], state["leases"])]
+    return EmbeddedServer.for_settings(settings)
 
 
 def _note_other_server(settings: Settings) -> None:
@@ -483,7 +263,7 @@ def cmd_server_status(args: argparse.Namespace, settings: Settings) -> int:
     if url:
         print(f"url:        {mask_url(url)}")
     print(f"persistent: {'yes' if state['persistent'] else 'no'}")
-    print(f"leases:     {', '.join(_leases(state)) or 'none'}")
+    print(f"leases:     {', '.join(lease_pids(state)) or 'none'}")
     print(f"data:       {state['home']}")
     return EXIT_OK
 
@@ -507,10 +287,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 def cmd_init(args: argparse.Namespace, settings: Settings) -> int:
-    """Read the project (discover.plan), print each line with its evidence, write them into the config
+    """Read the project (init_plan.plan), print each line with its evidence, write them into the config
     file pytest reads. Nothing else is edited: no conftest, no code, no settings."""
-    from pgshard import configfile
-    from pgshard.discover import plan
+    from pgshard.init_plan import plan
 
     root = Path(args.root).resolve()
     if not root.is_dir():
@@ -605,7 +384,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = load_settings(args)
         func: Callable[[argparse.Namespace, Settings], int] = args.func
         return func(args, settings)
-    except (CliError, SettingsError, ServerError, NotOurs, psycopg.Error, OSError) as exc:
+    except (CliError, configfile.ConfigFileError, SettingsError, ServerError, NotOurs, psycopg.Error, OSError) as exc:
         text = " ".join(str(exc).split()) or type(exc).__name__
         print(f"pgshard: {mask_url(text)}", file=sys.stderr)
         return EXIT_ERROR

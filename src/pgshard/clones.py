@@ -19,8 +19,8 @@ from pathlib import Path
 from pgshard.admin import Admin, CloneMethod, DatabaseInfo, Marker
 from pgshard.host import host_identity, pid_alive
 from pgshard.server.base import ServerError, ServerInfo
-from pgshard.settings import mask_url
-from pgshard.template import database_url, swap_lock
+from pgshard.settings import database_url, mask_url
+from pgshard.template import swap_lock
 
 
 @dataclass(frozen=True)

@@ -1,13 +1,18 @@
 """pgshard's lines in the pytest config file a project already has: rendered in that file's own syntax (TOML
 for pyproject.toml, ini elsewhere) and put into its pytest section, the rest of the file kept byte for byte.
-Pure text in, text out: ``pgshard init`` (cli.py) reads and writes the file.
+Pure text in, text out: ``pgshard init`` (cli.py) reads and writes the file. And which file and keys pytest
+itself would read (``find_ini``), for the ``pgshard`` command's settings.
 """
 
 from __future__ import annotations
 
+import configparser
+import importlib
 import json
 import re
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 LINE_LISTS = {"pgshard_migrate", "pgshard_env", "pgshard_redirect", "pgshard_fingerprint"}
 
@@ -104,3 +109,53 @@ def place(text: str, toml: bool, section: str, rendered: Sequence[str], *, repla
         tail_blank += 1
     new = [*lines[:start], *body, *rendered, *([""] * tail_blank if end < len(lines) else []), *lines[end:]]
     return "\n".join(new) + "\n"
+
+
+# -- reading: the pytest configuration pytest itself would pick ---------------------------------------------
+def _toml(path: Path) -> dict[str, Any] | None:
+    try:
+        toml: Any = importlib.import_module("tomllib")
+    except ImportError:  # Python 3.10: pytest itself depends on tomli there
+        try:
+            toml = importlib.import_module("tomli")
+        except ImportError:
+            return None
+    try:
+        with path.open("rb") as fh:
+            data: dict[str, Any] = toml.load(fh)
+    except (OSError, ValueError) as exc:
+        raise ConfigFileError(f"cannot read {path}: {exc}") from None
+    return data
+
+
+def _ini_section(path: Path, section: str) -> dict[str, str] | None:
+    parser = configparser.RawConfigParser()  # raw: a URL's %40 must not be interpolated
+    try:
+        parser.read(path, encoding="utf-8")
+    except (OSError, configparser.Error) as exc:
+        raise ConfigFileError(f"cannot read {path}: {' '.join(str(exc).split())}") from None
+    return dict(parser.items(section)) if parser.has_section(section) else None
+
+
+def find_ini(start: Path) -> tuple[Path | None, dict[str, Any]]:
+    """The pytest configuration pytest itself would pick (from ``start`` upwards, first match wins):
+    pytest.ini, .pytest.ini, pyproject.toml with [tool.pytest.ini_options] or [tool.pytest], tox.ini
+    with [pytest], setup.cfg with [tool:pytest]. Returns (its directory, its keys)."""
+    for directory in (start, *start.parents):
+        for name in ("pytest.ini", ".pytest.ini"):
+            if (directory / name).is_file():
+                return directory, _ini_section(directory / name, "pytest") or {}
+        pyproject = directory / "pyproject.toml"
+        if pyproject.is_file():
+            data = _toml(pyproject)
+            tool = (data or {}).get("tool", {}).get("pytest")
+            if isinstance(tool, dict):
+                options = tool.get("ini_options", tool)
+                if isinstance(options, dict):
+                    return directory, options
+        for name, section in (("tox.ini", "pytest"), ("setup.cfg", "tool:pytest")):
+            if (directory / name).is_file():
+                found = _ini_section(directory / name, section)
+                if found is not None:
+                    return directory, found
+    return None, {}

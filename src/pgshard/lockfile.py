@@ -1,11 +1,15 @@
-"""A lock file that says who holds it: the server start (up to 300 s) and a template build (up to 30 min)
-are long waits, and a silent one looks like a hang. The holder writes its pid, start time and what it does
-into the lock file itself (one file, no side file to get out of step); a waiter reads it and says so once,
-after a few seconds.
+"""Locks that say who holds them: the server start (up to 300 s) and a template build (up to 30 min) are
+long waits, and a silent one looks like a hang. The holder writes its pid, start time and what it does into
+a record; a waiter reads it and says so once, after a few seconds, and a wait that times out names it.
 
-Why our own flock instead of filelock's: per-fingerprint lock files must be removed when done (they piled up
-to 50 a day). Unlinking a lock file while others wait on it is only safe if every acquirer checks, once it
-holds the lock, that the file it locked is still the one at the path (same inode); filelock does not.
+The coordinator's lock (``CoordinatorLock``: one process builds a template, the others wait) is filelock's
+``FileLock``, one lock file per server and project that stays in place (nothing to unlink, nothing piles
+up). filelock opens its file with O_TRUNC, so the holder's record lives beside it (``<lock>.holder``).
+
+One case filelock cannot serve, kept hand-written (``HolderLock``): the embedded server's own lock, which
+``pgshard clean --server`` removes while holding it (the command leaves nothing behind). Unlinking a lock
+file others wait on is only safe if every acquirer checks, once it holds the lock, that the file it locked is
+still the one at the path (same inode); filelock does not. That lock keeps its record in the file itself.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
+
+from filelock import FileLock, Timeout
 
 from pgshard.host import identity_alive, process_identity
 
@@ -65,6 +71,7 @@ def holder(path: Path) -> dict[str, object] | None:
 
 
 def describe_holder(path: Path) -> str:
+    """Who holds the lock whose record is ``path``, in a few words."""
     found = holder(path)
     if found is None:
         return "another process"
@@ -72,27 +79,116 @@ def describe_holder(path: Path) -> str:
     return f"pid {found.get('pid')} ({found.get('purpose')}, for {since:.0f} s)"
 
 
-class HolderLock:
-    """An exclusive flock on ``path``, re-entrant within one object. ``remove``: unlink the file on release
-    (the next acquirer of the old inode notices and retries on the new file)."""
+def _record(purpose: str) -> bytes:
+    return json.dumps({"pid": os.getpid(), "identity": process_identity(), "purpose": purpose,
+                       "since": time.time()}).encode()
 
-    def __init__(self, path: Path, purpose: str, *, timeout: float, remove: bool = False,
-                 announce_after: float = ANNOUNCE_AFTER) -> None:
+
+def _waiting_line(record: Path, lock: Path, timeout: float, purpose: str) -> str:
+    return f"pgshard: waiting for {describe_holder(record)} holding {lock} (up to {timeout:.0f} s) before {purpose}"
+
+
+def _timed_out(record: Path, lock: Path, timeout: float) -> LockTimeout:
+    return LockTimeout(f"waited {timeout:.0f} s for {describe_holder(record)} holding {lock}; if no pgshard "
+                       "process runs, delete that file")
+
+
+def _unusable(lock: Path, exc: OSError) -> LockError:
+    return LockError(f"cannot use the lock file {lock}: {exc.strerror or exc}; remove it or set "
+                     "pgshard_cache_dir to a directory of your own")
+
+
+class _NamedLock:
+    """What both locks share: re-entrant within one object, a context manager, the seconds last waited."""
+
+    def __init__(self, path: Path, purpose: str, *, timeout: float, announce_after: float) -> None:
         self.path = path
         self.purpose = purpose
         self.timeout = timeout
-        self.remove = remove
         self.announce_after = announce_after
-        self._fd: int | None = None
         self._depth = 0
         self.waited = 0.0
+
+    def _take(self, started: float) -> None:
+        raise NotImplementedError
+
+    def _give_back(self) -> None:
+        raise NotImplementedError
+
+    def acquire(self) -> float:
+        """Block until held; returns the seconds waited. Raises LockTimeout naming the holder."""
+        if self._depth:
+            self._depth += 1
+            return 0.0
+        started = time.monotonic()
+        self._take(started)
+        self._depth = 1
+        self.waited = time.monotonic() - started
+        return self.waited
+
+    def release(self) -> None:
+        if self._depth > 1:
+            self._depth -= 1
+        elif self._depth:
+            self._depth = 0
+            self._give_back()
+
+    def __enter__(self) -> _NamedLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.release()
+
+
+class CoordinatorLock(_NamedLock):
+    """filelock's FileLock on ``path`` (left in place), usable across threads, its holder's record in
+    ``<path>.holder``."""
+
+    def __init__(self, path: Path, purpose: str, *, timeout: float, announce_after: float = ANNOUNCE_AFTER) -> None:
+        super().__init__(path, purpose, timeout=timeout, announce_after=announce_after)
+        self.record = path.with_name(path.name + ".holder")
+        self._lock = FileLock(str(path), thread_local=False)
+
+    def _wait(self, timeout: float) -> bool:
+        try:
+            self._lock.acquire(timeout=max(timeout, 0.0), poll_interval=0.05)
+        except Timeout:
+            return False
+        except OSError as exc:  # the path is a directory, no permission, a read-only filesystem
+            raise _unusable(self.path, exc) from None
+        return True
+
+    def _take(self, started: float) -> None:
+        if not self._wait(min(self.announce_after, self.timeout)):
+            _announcer(_waiting_line(self.record, self.path, self.timeout, self.purpose))
+            if not self._wait(self.timeout - (time.monotonic() - started)):
+                raise _timed_out(self.record, self.path, self.timeout)
+        with contextlib.suppress(OSError):  # a full disk: held all the same, only unnamed to waiters
+            self.record.write_bytes(_record(self.purpose))
+
+    def _give_back(self) -> None:
+        with contextlib.suppress(OSError):
+            self.record.write_bytes(b"")  # before the lock goes: a waiter never names a holder that left
+        self._lock.release()
+
+
+class HolderLock(_NamedLock):
+    """An exclusive flock on ``path``, its record in the file itself. ``remove``: unlink the file on release
+    (the next acquirer of the old inode notices and retries on the new file): the case filelock cannot serve
+    (see above)."""
+
+    def __init__(self, path: Path, purpose: str, *, timeout: float, remove: bool = False,
+                 announce_after: float = ANNOUNCE_AFTER) -> None:
+        super().__init__(path, purpose, timeout=timeout, announce_after=announce_after)
+        self.remove = remove
+        self._fd: int | None = None
 
     def _try(self) -> int | None:
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as exc:
-            raise LockError(f"cannot use the lock file {self.path}: {exc.strerror or exc}; remove it or set "
-                            "pgshard_cache_dir to a directory of your own") from None
+            raise _unusable(self.path, exc) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -107,44 +203,27 @@ class HolderLock:
             return None
         return fd
 
-    def acquire(self) -> float:
-        """Block until held; returns the seconds waited. Raises LockTimeout naming the holder."""
-        if self._depth:
-            self._depth += 1
-            return 0.0
-        started = time.monotonic()
+    def _take(self, started: float) -> None:
         delay = 0.01
         announced = False
-        while True:
-            fd = self._try()
-            if fd is not None:
-                break
+        while (fd := self._try()) is None:
             waited = time.monotonic() - started
             if waited > self.timeout:
-                raise LockTimeout(f"waited {self.timeout:.0f} s for {describe_holder(self.path)} holding "
-                                  f"{self.path}; if no pgshard process runs, delete that file")
+                raise _timed_out(self.path, self.path, self.timeout)
             if not announced and waited >= self.announce_after:
                 announced = True
-                _announcer(f"pgshard: waiting for {describe_holder(self.path)} holding {self.path} "
-                           f"(up to {self.timeout:.0f} s) before {self.purpose}")
+                _announcer(_waiting_line(self.path, self.path, self.timeout, self.purpose))
             time.sleep(delay)
             delay = min(delay * 2, 0.2)
-        record = {"pid": os.getpid(), "identity": process_identity(), "purpose": self.purpose, "since": time.time()}
         try:  # who holds it, for the messages of those who wait; the flock is the lock
             os.ftruncate(fd, 0)
-            os.pwrite(fd, json.dumps(record).encode(), 0)
+            os.pwrite(fd, _record(self.purpose), 0)
         except OSError:  # a full disk (ENOSPC): held all the same, and never leaked by a raise here
             pass
         self._fd = fd
-        self._depth = 1
-        self.waited = time.monotonic() - started
-        return self.waited
 
-    def release(self) -> None:
-        if self._depth > 1:
-            self._depth -= 1
-            return
-        fd, self._fd, self._depth = self._fd, None, 0
+    def _give_back(self) -> None:
+        fd, self._fd = self._fd, None
         if fd is None:
             return
         if self.remove:
@@ -154,10 +233,3 @@ class HolderLock:
             with contextlib.suppress(OSError):
                 os.ftruncate(fd, 0)
         os.close(fd)
-
-    def __enter__(self) -> HolderLock:
-        self.acquire()
-        return self
-
-    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
-        self.release()

@@ -18,16 +18,14 @@ from typing import Any
 import pytest
 
 from pgshard import redirect
+from pgshard.clients import AppRequests, async_client, client  # noqa: F401  (re-exported, as below)
 from pgshard.fixtures import (  # noqa: F401  (re-exported: pytest collects fixtures from the plugin module)
     COMMIT_TEST,
     RUN,
-    AppRequests,
     _pgshard_app_engine,
     _pgshard_async_sandbox,
     _pgshard_db_commit,
-    async_client,
     async_db_session,
-    client,
     commit_db,
     db_connection,
     db_session,
@@ -40,11 +38,14 @@ from pgshard.fixtures import (  # noqa: F401  (re-exported: pytest collects fixt
     ready_database,
 )
 from pgshard.lockfile import set_announcer
-from pgshard.migrate import MigrationError, parse_migrators
-from pgshard.run import HANDOFF, Run, summary_lines
+from pgshard.migrate import MigrationError
+from pgshard.run import Run
+from pgshard.run_server import HANDOFF
 from pgshard.sandbox import SandboxError
 from pgshard.server.base import ServerError
 from pgshard.settings import OPTIONS, Settings, SettingsError, resolve
+from pgshard.steps import parse_migrators
+from pgshard.summary import summary_lines
 
 WORKER_STATS = pytest.StashKey[list[dict[str, Any]]]()
 

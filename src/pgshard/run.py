@@ -9,190 +9,59 @@ from __future__ import annotations
 import atexit
 import contextlib
 import importlib
-import json
 import os
-import secrets
-import sys
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any
+from datetime import datetime
+from typing import Any
 
 from sqlalchemy.engine import make_url
 
 from pgshard.admin import Admin, intents_dir
-from pgshard.clones import Clones, CloneTimes, Database, drop_stale, worker_database_name
+from pgshard.build import BuildLifecycle, build_fingerprint
+from pgshard.clones import Clones, CloneTimes, Database, drop_stale
 from pgshard.host import default_cache_dir
-from pgshard.migrate import Migrator, Watch, blind_commands, hash_globs, parse_migrators
-from pgshard.server import ServerLease, acquire, embedded_lease
-from pgshard.server.base import ServerError, ServerInfo, connect, passfile_secrets
-from pgshard.settings import Settings, env_assignments, mask_url, placeholders
-from pgshard.template import BuildLifecycle, Template, TemplateResult, build_fingerprint, database_url, project_key
-
-if TYPE_CHECKING:
-    from pgshard.server.embedded import EmbeddedServer
-
-HANDOFF = "PGSHARD_HANDOFF"  # controller -> xdist workers: the server and the run id
+from pgshard.migrate import Migrator, Watch
+from pgshard.run_server import RunServer
+from pgshard.server.base import ServerError, connect
+from pgshard.settings import mask_url
+from pgshard.steps import blind_commands, hash_globs, parse_migrators
+from pgshard.summary import median, server_line
+from pgshard.template import Template, TemplateResult, project_key
 
 
 @dataclass
-class Run:
-    settings: Settings
-    run_id: str
-    worker_id: str  # "gw0"... under xdist, "main" otherwise
-    server: ServerInfo | None = None
-    lease: ServerLease | None = None
+class Run(RunServer):
+    """RunServer's server and names, with what this process makes on that server: its start-up thread
+    (stale runs dropped, a warm clone), the template, the worker's clone and db_commit clones."""
+
     template: TemplateResult | None = None
     clones: Clones | None = None
     database: Database | None = None
     stale_dropped: list[str] = field(default_factory=list)
     kept: list[Database] = field(default_factory=list)
-    timings: dict[str, float] = field(default_factory=dict)
     clone_times: CloneTimes | None = None
     wants_commit_pool: bool = False
     admin: Admin | None = None  # shared by the start-up checks, closed once the template is known
     shard_emptied: bool = False  # --shard deselected every collected test
     finished: set[str] = field(default_factory=set)  # databases this worker made and has dropped at its end
-    notes: list[str] = field(default_factory=list)  # said once in the summary (a blind command cache, a repair)
     failure: Exception | None = None  # the worker's database could not be made
     commit_tests: int = 0  # db_commit tests whose setup passed, counted from reports (controller)
-    handoff_later: bool = False  # an xdist controller whose server start overlaps: HANDOFF set at session start
     startup_charge: float = 0.0  # seconds of this process's one-time start-up inside a test's setup, not yet taken
     fault: str | None = None  # the first foreign fault's one line (faults.py): later ones repeat it
     finish_error: str | None = None  # why this worker's clones could not be dropped
-    _secrets: list[str] | None = field(default=None, repr=False)
-    _url_scheme: str | None = field(default=None, repr=False)  # "" once found to be pgshard's default
     _others_at_start: set[str] | None = field(default=None, repr=False)  # databases not ours when it began
     foreign: list[str] = field(default_factory=list)  # databases the suite created on our server meanwhile
-    cleans_up: bool = False  # this worker drops the dead runs' databases (its controller left it to gw0)
     _maker: Template | None = field(default=None, repr=False)
     _background: threading.Thread | None = field(default=None, repr=False)  # start_background's work
     _background_done: threading.Event | None = field(default=None, repr=False)
     say: Callable[[str], None] | None = field(default=None, repr=False)  # a line to the terminal, now
     _stats_reset: object = field(default=None, repr=False)  # the server's, when this worker cloned its database
-    _adopted_at: datetime | None = field(default=None, repr=False)  # when this xdist worker took the server over
     _abandoned: bool = False  # the start-up thread hung (an interrupted run): not waited for again
-    _planned_url: str | None = field(default=None, repr=False)  # the server's URL while it starts (start_server)
-    _server_start: threading.Thread | None = field(default=None, repr=False)  # initdb and start, in the background
-    _server_done: threading.Event | None = field(default=None, repr=False)
-    _server_error: ServerError | None = field(default=None, repr=False)
 
-    # -- the server ----------------------------------------------------------------------------
-    @staticmethod
-    def new_run_id() -> str:
-        return secrets.token_hex(4)
-
-    def start_server(self, *, clean_up: bool = True, overlap: bool = False) -> ServerInfo | None:
-        """Acquire the server for this process (controller or solo run) and clean up after dead runs
-        (``clean_up=False``: start_background does that). ``overlap``: an embedded server that is not running
-        yet is initialised and started in a thread while pytest imports the conftests and collects; None
-        then, and its URL is known already (server_url), its port chosen before the app reads its settings.
-        Whatever needs the server itself waits for it here, and gets its failure as a ServerError."""
-        if self.server is None and self._server_done is not None:
-            return self._started_server()
-        if self.server is None:
-            started = time.perf_counter()
-            if overlap and self.settings.server == "embedded" and self._start_overlapped(started):
-                return None
-            self._take_lease(self._lease(), started)
-            atexit.register(self.stop_server)  # released even when pytest exits before unconfigure
-            if clean_up:
-                self._drop_stale()
-        return self.server
-
-    def _lease(self, embedded: EmbeddedServer | None = None) -> ServerLease:
-        try:
-            return acquire(self.settings) if embedded is None else embedded_lease(embedded)
-        except OSError as exc:  # a lock path that is a directory, a cache dir on a read-only filesystem
-            where = f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc)
-            raise ServerError(f"cannot use the cache dir ({where}); fix that path or set pgshard_cache_dir "
-                              "(PGSHARD_CACHE_DIR)") from None
-
-    def _take_lease(self, lease: ServerLease, started: float) -> None:
-        self.lease = lease
-        self.server = lease.info
-        self.notes.extend(lease.notes)
-        self.timings["server"] = time.perf_counter() - started
-
-    def _start_overlapped(self, started: float) -> bool:
-        """start_server's background start: False when the embedded server runs already (acquiring it is
-        quick) or when it cannot be planned (acquired in the foreground then, which reports why)."""
-        from pgshard.server.embedded import EmbeddedServer
-
-        try:
-            embedded = EmbeddedServer(self.settings.pg_bin, self.settings.cache_dir, linger=self.settings.linger)
-            planned = embedded.plan()
-        except (OSError, ServerError):
-            return False
-        if planned is None:
-            return False
-        for module in ("psycopg", "psycopg.conninfo", "psycopg.errors", "fcntl", "pgshard.faults"):
-            importlib.import_module(module)  # the thread imports nothing (start_background says why)
-        done = threading.Event()
-
-        def work() -> None:
-            try:
-                lease = self._lease(embedded)
-                if lease.info.url != planned:  # another run started it on a port of its own meanwhile
-                    lease.release()
-                    raise ServerError(f"the embedded server came up at {mask_url(lease.info.url)}, not at the "
-                                      f"{mask_url(planned)} the app's settings were given; run again")
-                self._take_lease(lease, started)
-            except ServerError as exc:
-                self._server_error = exc
-            except Exception as exc:  # a defect: reported by the first step that needs the server
-                self._server_error = ServerError(f"the embedded server did not start: {exc!r}")
-            finally:
-                done.set()
-
-        self._planned_url, self._server_done = planned, done
-        self._server_start = threading.Thread(target=work, name="pgshard-server-start", daemon=True)
-        self._server_start.start()
-        atexit.register(self.stop_server)  # which waits for the start: an interrupted run's lease is released
-        return True
-
-    def _server_settled(self, timeout: float | None = None) -> bool:
-        """Wait for the background start; False when it is still at work after ``timeout``."""
-        done = self._server_done
-        if done is None or self._server_start is threading.current_thread():
-            return True
-        waited = time.perf_counter()
-        if not done.wait(timeout):
-            return False
-        self.timings.setdefault("server_wait", time.perf_counter() - waited)
-        return True
-
-    def _started_server(self) -> ServerInfo:
-        self._server_settled()
-        if self._server_error is not None:
-            raise self._server_error
-        assert self.server is not None
-        return self.server
-
-    def name_server(self) -> None:
-        """For a run that runs no tests (--collect-only, --fixtures...): the server's URL for the app's settings
-        (pgshard_env, pgshard_redirect) with no server started; an existing server (--pg-url) is asked as usual."""
-        if self.settings.server != "embedded":
-            if self.settings.server == "url":
-                self.start_server(clean_up=False)
-            return
-        from pgshard.server.embedded import EmbeddedServer
-
-        embedded = EmbeddedServer(self.settings.pg_bin, self.settings.cache_dir, linger=self.settings.linger)
-        self._planned_url = embedded.expected_url()
-
-    @property
-    def starting(self) -> bool:
-        """start_server's overlapped start has not been waited for yet."""
-        return self.server is None and self._server_done is not None
-
-    @property
-    def server_url(self) -> str | None:
-        """The server's admin URL: known before the server is up when start_server overlapped its start."""
-        return self.server.url if self.server is not None else self._planned_url
-
+    # -- start-up work beside pytest's own (stale runs dropped, a warm clone) ----------------------
     def _drop_stale(self) -> None:
         done = drop_stale(self._admin(), self.settings.stale_ttl_hours)
         self.stale_dropped = done.dropped
@@ -313,103 +182,11 @@ class Run:
             self.admin.close()
             self.admin = None
 
-    def stop_server(self) -> None:
-        if not self._server_settled(timeout=60):  # an initdb under way is let finish: its lease is released
-            return
+    def _before_release(self) -> bool:
         if not self._settle(timeout=1):  # as in finish(): the thread's work is not waited for at the end
-            return
+            return False
         self.close_admin()
-        if self.lease is not None:
-            lease, self.lease = self.lease, None
-            try:
-                lease.release()
-            except ServerError as exc:  # at exit, after the summary: one line, never a traceback
-                print(f"pgshard: {exc}", file=sys.stderr)
-
-    def handoff(self, *, clean_up: bool = False) -> str:
-        """What the xdist workers adopt; ``clean_up``: worker gw0 drops the dead runs' databases (the
-        controller then needs no connection of its own)."""
-        assert self.server is not None
-        data = {"pid": os.getpid(), "run_id": self.run_id, "url": self.server.url, "source": self.server.source,
-                "version": self.server.version, "major": self.server.major, "fsync": self.server.fsync,
-                "reflink": self.server.reflink, "clean_up": clean_up}
-        return json.dumps(data)
-
-    @classmethod
-    def from_handoff(cls, settings: Settings, worker_id: str, environ: dict[str, str] | None = None) -> Run | None:
-        """A worker adopts its controller's server: only when the hand-off came from our own parent
-        process (an inherited variable of an unrelated outer run must not be taken)."""
-        raw = (os.environ if environ is None else environ).get(HANDOFF)
-        if not raw:
-            return None
-        try:
-            data = json.loads(raw)
-        except ValueError:
-            return None
-        if data.get("pid") != os.getppid():
-            return None
-        server = ServerInfo(data["url"], data["source"], data["version"], int(data["major"]), bool(data["fsync"]),
-                            bool(data.get("reflink")))
-        run = cls(settings, data["run_id"], worker_id, server=server)
-        run._adopted_at = datetime.now(timezone.utc)
-        run.cleans_up = bool(data.get("clean_up")) and worker_id == "gw0"
-        return run
-
-    def secrets(self) -> list[str]:
-        """The passwords this run's URLs reach through their passfile (and --pg-url's), to mask in reports."""
-        if self.server is None:
-            return []
-        if self._secrets is None:
-            found = [*passfile_secrets(self.server.url), self._user_password() or ""]
-            self._secrets = sorted({s for s in found if len(s) >= 4}, key=len, reverse=True)
-        return self._secrets
-
-    # -- names and env -------------------------------------------------------------------------
-    @property
-    def database_name(self) -> str:
-        return worker_database_name(self.settings.prefix, self.run_id, self.worker_id)
-
-    def database_url(self, name: str | None = None) -> str:
-        """SQLAlchemy URL of this worker's database (or another of this run's), which may not exist yet."""
-        url = self.server_url
-        assert url is not None
-        return database_url(url, name or self.database_name)
-
-    def database_env(self, name: str | None = None) -> dict[str, str]:
-        """pgshard_env assignments for this worker's database (or another of this run's)."""
-        if not self.settings.env or self.server_url is None:
-            return {}
-        return env_assignments(self.settings.env, placeholders(self.database_url(name), self._user_password(),
-                                                               self.url_scheme()))
-
-    def url_scheme(self) -> str | None:
-        """The scheme ``{url}`` carries: the app's own driver as its files tell (discover.url_driver), found
-        once per process; when they cannot tell, psycopg 3, and the controller says so once."""
-        if self._url_scheme is None:
-            names = [line.split("=", 1)[0].strip() for line in self.settings.env if "{url}" in line]
-            scheme = ""
-            if names:
-                from pgshard.discover import url_driver
-
-                choice = url_driver(self.settings.rootdir, names)
-                scheme = choice.scheme or ""
-                if choice.warning and self.worker_id == "main":
-                    from pgshard.lockfile import announce
-
-                    announce(f"pgshard: {choice.warning}")
-            self._url_scheme = scheme
-        return self._url_scheme or None
-
-    def _user_password(self) -> str | None:
-        """The password given in --pg-url, for ``{password}`` (pgshard's own URLs carry none)."""
-        if self.settings.server != "url" or not self.settings.url:
-            return None
-        from sqlalchemy.engine import make_url
-
-        with contextlib.suppress(Exception):
-            return str(make_url(self.settings.url).password or "")
-        return None
-
+        return True
     # -- template and clones --------------------------------------------------------------------
     def ensure_template(self) -> TemplateResult:
         self._settle()
@@ -599,7 +376,7 @@ class Run:
         try:
             from pgshard.server.embedded import EmbeddedServer
 
-            return str(EmbeddedServer(self.settings.pg_bin, self.settings.cache_dir).logfile)
+            return str(EmbeddedServer.for_settings(self.settings).logfile)
         except Exception:
             return None
 
@@ -607,7 +384,7 @@ class Run:
     def stats(self) -> dict[str, Any]:
         out: dict[str, Any] = {"worker": self.worker_id}
         if self.server is not None:  # a worker that found the server itself (pgshard not configured)
-            out["server"] = _server_line(self.server, self.timings.get("server"))
+            out["server"] = server_line(self.server, self.timings.get("server"))
         if self.template is not None:
             out["template"] = {"name": self.template.name, "built": self.template.built,
                                "build_seconds": self.template.build_seconds,
@@ -618,7 +395,7 @@ class Run:
             out["clone_method"] = times.method
             out["commit_clones"] = len(times.commit_waits)
             if times.commit_waits:
-                out["commit_wait_ms"] = _median(times.commit_waits) * 1000
+                out["commit_wait_ms"] = median(times.commit_waits) * 1000
         out["kept"] = [db.masked_url for db in self.kept]
         if self.finish_error:
             out["finish_error"] = self.finish_error
@@ -627,79 +404,3 @@ class Run:
         out["notes"] = self.notes
         out["foreign"] = self.foreign
         return out
-
-
-def _median(values: list[float]) -> float:
-    import statistics  # not at start-up: it imports fractions and decimal
-
-    return statistics.median(values)
-
-
-def _server_line(server: ServerInfo, seconds: float | None, waited: float | None = None) -> str:
-    took = f", ready in {seconds:.2f} s" if seconds is not None else ""
-    if seconds is not None and waited is not None:  # started beside pytest's imports and collection
-        took += f" (waited for {min(waited, seconds):.2f} s of it)"
-    return f"server: {server.source}, PostgreSQL {server.version}{took} at {_shown_url(server.url)}"
-
-
-def _shown_url(url: str) -> str:
-    """The server's URL as the summary shows it: masked, without the passfile (a long percent-encoded path in
-    the cache dir, the same on every run)."""
-    with contextlib.suppress(Exception):
-        parsed = make_url(url)
-        if "passfile" in parsed.query:
-            url = parsed.difference_update_query(["passfile"]).render_as_string(hide_password=False)
-    return mask_url(url)
-
-
-def summary_lines(server: ServerInfo | None, stats: list[dict[str, Any]], stale: list[str],
-                  server_seconds: float | None, commit_tests: int = 0, notes: list[str] | None = None, *,
-                  server_waited: float | None = None) -> list[str]:
-    """The terminal summary: server, template hit or miss, clone time per worker."""
-    lines: list[str] = []
-    if server is not None:
-        lines.append(_server_line(server, server_seconds, server_waited))
-    elif any("server" in s for s in stats):
-        lines.append(next(str(s["server"]) for s in stats if "server" in s))
-    stale = [*stale, *(name for s in stats for name in s.get("stale_dropped", []) if name not in stale)]
-    if stale:
-        lines.append(f"dropped {len(stale)} database(s) left by dead runs: {', '.join(stale)}")
-    templates = [s["template"] for s in stats if "template" in s]
-    if templates:
-        built = [t for t in templates if t["built"]]
-        name = templates[0]["name"]
-        if built:
-            lines.append(f"template {name}: built in {built[0]['build_seconds']:.2f} s (cache miss)")
-        else:
-            lines.append(f"template {name}: reused (cache hit)")
-    clones = [f"{s['worker']} {s['clone_ms']:.0f} ms" for s in sorted(stats, key=lambda s: str(s["worker"]))
-              if "clone_ms" in s]
-    if clones:
-        method = next((str(s["clone_method"]) for s in stats if s.get("clone_method")), "")
-        lines.append(f"clone per worker{f' ({method})' if method else ''}: " + ", ".join(clones))
-    commits = max(sum(int(s.get("commit_clones", 0)) for s in stats), commit_tests)
-    if commits:
-        waits = [float(s["commit_wait_ms"]) for s in stats if "commit_wait_ms" in s]
-        wait = f"{_median(waits):.1f} ms" if waits else "not reported"
-        lines.append(f"db_commit clones: {commits}, median wait {wait}")
-    errors = sorted({str(s["finish_error"]) for s in stats if s.get("finish_error")})
-    for error in errors:  # the cause only: a foreign fault's whole line was shown with the failing test
-        if error.startswith("the cache dir "):
-            lines.append(error)
-            continue
-        lines.append(f"could not drop this run's clones ({error.removeprefix('pgshard: ').split(' (')[0]}); "
-                     "the next run or `pgshard clean` drops them")
-    # once, not once per worker; the controller's own too (a repaired server cache)
-    lines += dict.fromkeys([*(notes or []), *(note for s in stats for note in s.get("notes", []))])
-    foreign = sorted({name for s in stats for name in s.get("foreign", [])})
-    if foreign:
-        from pgshard.discover import redirect_globs
-
-        lines.append(f"the suite created {len(foreign)} database(s) of its own on pgshard's server, outside its "
-                     f"clones (left there, unmarked: `pgshard clean` never drops them): {', '.join(foreign)}; "
-                     f"put them on the template's clones with: pgshard_redirect = {' '.join(redirect_globs(foreign))}")
-    kept = [url for s in stats for url in s.get("kept", [])]
-    if kept:
-        lines.append("kept (--pg-keep; drop them with `pgshard clean --kept`): " + ", ".join(kept))
-    return lines
-

@@ -32,6 +32,13 @@ def mask_url(text: str) -> str:
     return _PASSWORD_IN_DSN.sub(lambda m: f"{m['head']}***", text)
 
 
+def database_url(server_url: str, name: str) -> str:
+    """``server_url`` naming the database ``name`` (its password kept: to connect with, never to show)."""
+    from sqlalchemy.engine import make_url
+
+    return make_url(server_url).set(database=name).render_as_string(hide_password=False)
+
+
 class SettingsError(ValueError):
     """Bad option value; the message names the option to fix."""
 

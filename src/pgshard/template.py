@@ -21,11 +21,11 @@ from sqlalchemy.engine import make_url
 
 from pgshard import redirect
 from pgshard.admin import Admin, Marker
-from pgshard.build import apply_steps
-from pgshard.lockfile import HolderLock, LockError
-from pgshard.migrate import MigrationError, Migrator, Watch, _sha, watching
+from pgshard.build import apply_steps, build_name
+from pgshard.lockfile import CoordinatorLock, LockError
+from pgshard.migrate import MigrationError, Migrator, Watch, sha, watching
 from pgshard.server.base import ServerError, ServerInfo
-from pgshard.settings import SettingsError, env_assignments, placeholders
+from pgshard.settings import SettingsError, database_url, env_assignments, placeholders
 from pgshard.version import __version__
 
 
@@ -38,8 +38,10 @@ class TemplateResult:
     wait_seconds: float
 
 
-def database_url(server_url: str, name: str) -> str:
-    return make_url(server_url).set(database=name).render_as_string(hide_password=False)
+def server_lock_key(url: str) -> str:
+    """What the names of a server's files in the cache's ``locks/`` begin with (its lock and failure files)."""
+    parsed = make_url(url)
+    return hashlib.sha256(f"{parsed.host}:{parsed.port}:{parsed.query}".encode()).hexdigest()[:8]
 
 
 def swap_lock(template: str) -> str:
@@ -52,53 +54,7 @@ def swap_lock(template: str) -> str:
 def project_key(rootdir: Path) -> str:
     """Which project built a template (its rootdir, hashed): pgshard_keep_templates counts per project,
     so two projects sharing one server do not evict each other's templates."""
-    return _sha(str(rootdir.resolve()))[:12]
-
-
-def build_name(template: str) -> str:
-    """Where a template is built before it is renamed and sealed."""
-    return f"{template}_build"
-
-
-def build_fingerprint(name: str, prefix: str) -> str | None:
-    """The fingerprint of the template being built under ``name``; None when ``name`` is no build database."""
-    head, tail = f"{prefix}_tpl_", build_name("")
-    if name.startswith(head) and name.endswith(tail) and len(name) > len(head) + len(tail):
-        return name[len(head):-len(tail)]
-    return None
-
-
-class BuildLifecycle:
-    """While a template is built, the app's CREATE/DROP DATABASE of a redirected name (a step that resets
-    the app's database itself) act on the build database: dropped, then made afresh with its marker."""
-
-    def __init__(self, url: str) -> None:
-        self.name = make_url(url).database or ""
-        self.prefix = self.name.split("_tpl_", 1)[0]
-        self.fingerprint = build_fingerprint(self.name, self.prefix)
-        self.admin_url = database_url(url, "postgres")
-        self.marker: Marker | None = None  # the build's own (its builder's pid keeps it from stale cleanup)
-
-    def _check(self, name: str) -> None:
-        if self.fingerprint is None or name != self.name:
-            raise ServerError(f"while a template is built pgshard acts only on its build database, not {name}")
-
-    def create_database(self, name: str) -> bool:
-        self._check(name)
-        with Admin(self.admin_url, self.prefix) as admin:
-            if admin.exists(name):
-                return False
-            admin.create(name, self.marker or Marker("build", fingerprint=self.fingerprint or ""),
-                         template="template0")
-        return True
-
-    def drop_database(self, name: str) -> bool:
-        self._check(name)
-        with Admin(self.admin_url, self.prefix) as admin:
-            found = admin.info(name)
-            if found is not None and found.marker is not None:
-                self.marker = found.marker
-            return admin.drop(name, force=True)
+    return sha(str(rootdir.resolve()))[:12]
 
 
 class Template:
@@ -152,14 +108,13 @@ class Template:
         return f"{self.admin.prefix}_tpl_{self.fingerprint()}"
 
     def _lock_path(self) -> Path:
-        parsed = make_url(self.server.url)
-        server_key = hashlib.sha256(f"{parsed.host}:{parsed.port}:{parsed.query}".encode()).hexdigest()[:8]
+        """One lock per server and project, whatever the fingerprint: it stays in place, nothing piles up."""
         try:
             self.lock_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise ServerError(f"cannot take the template lock: cannot create {self.lock_dir}: {exc.strerror or exc}; "
                               "set pgshard_cache_dir (PGSHARD_CACHE_DIR) to a writable directory of your own") from None
-        return self.lock_dir / f"{server_key}-{self.name}.lock"
+        return self.lock_dir / f"{server_lock_key(self.server.url)}-{self.admin.prefix}-{self.project or 'any'}.lock"
 
     def _usable(self) -> bool:
         found = self.admin.info(self.name)
@@ -190,8 +145,8 @@ class Template:
             return TemplateResult(name, self.fingerprint(), False, 0.0, time.perf_counter() - started)
         if not build:
             return None
-        # removed when done (one file per fingerprint would pile up); a waiter past a few seconds says who builds
-        lock = HolderLock(self._lock_path(), f"checking or building template {name}", timeout=1800, remove=True)
+        # a waiter past a few seconds says who builds
+        lock = CoordinatorLock(self._lock_path(), f"checking or building template {name}", timeout=1800)
         try:
             lock.acquire()
         except LockError as exc:
@@ -225,8 +180,7 @@ class Template:
     def _failure_file(self) -> Path:
         """One per project and server, not per fingerprint: the build that succeeds after a fix (a new
         fingerprint) removes the failure it fixed."""
-        lock = self._lock_path()
-        return lock.with_name(f"{lock.name.split('-', 1)[0]}-{self.admin.prefix}-{self.project or 'any'}.failed")
+        return self._lock_path().with_suffix(".failed")
 
     def _earlier_failure(self) -> MigrationError | None:
         """A process of this same run failed to build this template: its error, without running the

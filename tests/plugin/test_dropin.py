@@ -20,7 +20,7 @@ import psycopg
 import pytest
 
 from pgshard.server.base import ServerInfo, to_libpq
-from pgshard.template import database_url
+from pgshard.settings import database_url
 from tests.conftest import Project
 
 PROJECT = Path(__file__).parents[1] / "projects" / "shared_db"
@@ -247,8 +247,8 @@ def test_a_command_with_no_known_inputs_is_named_once_in_the_summary(pytester: p
 
 
 def test_command_fingerprints_infer_alembic_files_and_modules(tmp_path: Path) -> None:
-    from pgshard.migrate import CommandMigrator, blind_commands, hash_globs
     from pgshard.settings import SettingsError
+    from pgshard.steps import CommandMigrator, blind_commands, hash_globs
 
     (tmp_path / "migrations" / "versions").mkdir(parents=True)
     (tmp_path / "migrations" / "env.py").write_text("# env\n")

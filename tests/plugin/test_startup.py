@@ -207,7 +207,7 @@ def test_a_cold_server_starts_while_the_conftests_import(
 
 def _failing_bindir(root: Path) -> Path:
     """Server binaries whose initdb fails (the rest are the system's own): a start that breaks mid-way."""
-    from pgshard.server.embedded import find_binaries
+    from pgshard.server.binaries import find_binaries
 
     real, _ = find_binaries()
     bindir = root / "bin"

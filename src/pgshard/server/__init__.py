@@ -6,30 +6,15 @@ and whose ``release()`` gives it back (stopping what pgshard started once nobody
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from pgshard.server.base import ServerError, ServerInfo
+from pgshard.server.base import ServerError, ServerInfo, ServerLease
 from pgshard.settings import Settings
 
 if TYPE_CHECKING:
     from pgshard.server.embedded import EmbeddedServer
 
 __all__ = ["ServerError", "ServerInfo", "ServerLease", "acquire", "embedded_lease"]
-
-
-@dataclass
-class ServerLease:
-    info: ServerInfo
-    _release: Callable[[], object] = field(repr=False)
-    released: bool = False
-    notes: list[str] = field(default_factory=list)  # said once to the user (a damaged cache re-created)
-
-    def release(self) -> None:
-        if not self.released:
-            self.released = True
-            self._release()
 
 
 def acquire(settings: Settings) -> ServerLease:
@@ -45,7 +30,7 @@ def acquire(settings: Settings) -> ServerLease:
         return docker_server(settings)
     from pgshard.server.embedded import EmbeddedServer
 
-    return embedded_lease(EmbeddedServer(settings.pg_bin, settings.cache_dir, linger=settings.linger))
+    return embedded_lease(EmbeddedServer.for_settings(settings))
 
 
 def embedded_lease(embedded: EmbeddedServer) -> ServerLease:

