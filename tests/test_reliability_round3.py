@@ -112,11 +112,11 @@ def read_only(pytester: pytest.Pytester) -> Iterator[Path]:
     where = pytester.path / "checkout"
     mounted = subprocess.run(["mount", "--bind", str(where), str(where)], capture_output=True, check=False)
     if mounted.returncode != 0:
-        yield Path("/proc/self/pgshard-durations.json")
+        yield Path("/proc/self/.test_durations")
         return
     try:
         subprocess.run(["mount", "-o", "remount,bind,ro", str(where)], capture_output=True, check=True)
-        yield where / ".pgshard-durations.json"
+        yield where / ".test_durations"
     finally:
         subprocess.run(["umount", str(where)], capture_output=True, check=False)
 
@@ -383,3 +383,8 @@ def test_pytest_split_durations_do_not_charge_the_start_up_to_the_first_test(
     seconds = dict(stored) if isinstance(stored, list) else stored
     assert set(seconds) == {"test_it.py::test_a", "test_it.py::test_b"}, seconds
     assert seconds["test_it.py::test_a"] < float(build.group(1)) / 2, seconds  # the build is not in it
+    # pgshard's --shard reads that same file (its default, .test_durations in the rootdir): one file for both
+    shards = [_run(pytester, "--shard", f"{k}/2") for k in (1, 2)]
+    for sharded in shards:
+        sharded.assert_outcomes(passed=1)
+        assert "durations file" not in _text(sharded), _text(sharded)

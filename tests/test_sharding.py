@@ -13,7 +13,6 @@ import pytest
 
 import pgshard
 from pgshard.sharding import (
-    DURATIONS_VERSION,
     DurationsRecorder,
     ShardError,
     load_durations,
@@ -179,12 +178,12 @@ def test_stale_durations_are_ignored_with_a_warning_and_count_balancing() -> Non
     nodeids = suite(20)
     stale = {nodeid: 1.0 for nodeid in nodeids[:9]} | {f"tests/gone.py::test_{i}": 1.0 for i in range(50)}
     for k in range(1, 4):
-        selected, warning = split(nodeids, k, 3, stale, source="durations file .pgshard-durations.json")
+        selected, warning = split(nodeids, k, 3, stale, source="durations file .test_durations")
         assert (selected, None) == split(nodeids, k, 3, None)
         assert warning is not None
         assert "stale" in warning
         assert "9 of the 20" in warning
-        assert ".pgshard-durations.json" in warning
+        assert ".test_durations" in warning
 
 
 def test_unusable_values_in_a_durations_mapping_count_as_unknown() -> None:
@@ -267,8 +266,13 @@ def test_missing_durations_file_is_silent(tmp_path: Path) -> None:
     assert load_durations(tmp_path / "nope.json") == (None, None)
 
 
-def test_valid_durations_file_loads(tmp_path: Path) -> None:
-    path = write_json(tmp_path / "d.json", {"version": 1, "durations": {"t::a": 1.5, "t::b": 0}})
+@pytest.mark.parametrize("document", [
+    {"t::a": 1.5, "t::b": 0},  # pytest-split's .test_durations (what --pg-store-durations writes)
+    [["t::a", 1.5], ["t::b", 0]],  # pytest-split's older list of pairs
+    {"version": 1, "durations": {"t::a": 1.5, "t::b": 0}},  # pgshard's own earlier format
+], ids=["pytest-split", "pytest-split-pairs", "pgshard-v1"])
+def test_valid_durations_file_loads(tmp_path: Path, document: object) -> None:
+    path = write_json(tmp_path / "d.json", document)
     assert load_durations(path) == ({"t::a": 1.5, "t::b": 0.0}, None)
 
 
@@ -277,7 +281,9 @@ def test_valid_durations_file_loads(tmp_path: Path) -> None:
     [
         "{not json",
         "",
-        "[]",
+        "[1, 2]",
+        '"slow"',
+        '{"t::a": "slow"}',
         '{"durations": {"t::a": 1}}',
         '{"version": 2, "durations": {"t::a": 1}}',
         '{"version": 1, "durations": [1, 2]}',
@@ -321,15 +327,15 @@ def test_recorder_adds_up_setup_call_and_teardown() -> None:
     assert len(recorder) == 2
 
 
-def test_recorder_writes_a_versioned_file_that_loads_back(tmp_path: Path) -> None:
+def test_recorder_writes_pytest_splits_format_that_loads_back(tmp_path: Path) -> None:
     recorder = DurationsRecorder()
     recorder.add("t::b", 0.123456)
     recorder.add("t::a", 2.0)
     path = tmp_path / "sub" / "durations.json"
     assert recorder.write(path) is None
     data = json.loads(path.read_text())
-    assert data == {"version": DURATIONS_VERSION, "durations": {"t::a": 2.0, "t::b": 0.1235}}
-    assert list(data["durations"]) == ["t::a", "t::b"], "sorted keys keep diffs of a committed file small"
+    assert data == {"t::a": 2.0, "t::b": 0.1235}  # pytest-split's .test_durations: one file for both tools
+    assert list(data) == ["t::a", "t::b"], "sorted keys keep diffs of a committed file small"
     assert load_durations(path) == ({"t::a": 2.0, "t::b": 0.1235}, None)
 
 

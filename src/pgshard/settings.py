@@ -96,7 +96,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("store_durations", "--pg-store-durations", "PGSHARD_STORE_DURATIONS", None, "bool", False,
            "Record test durations for --shard balancing."),
     Option("durations_file", None, "PGSHARD_DURATIONS_FILE", "pgshard_durations_file", "str",
-           ".pgshard-durations.json", "Durations file used by --shard and --pg-store-durations."),
+           ".test_durations", "Durations file used by --shard and --pg-store-durations (pytest-split's file and "
+           "format: one file for both)."),
     Option("pg_bin", None, "PGSHARD_PG_BIN", "pgshard_pg_bin", "str", None,
            "Directory with initdb/pg_ctl/postgres for the embedded server."),
     Option("cache_dir", None, "PGSHARD_CACHE_DIR", "pgshard_cache_dir", "str", None,
@@ -141,7 +142,7 @@ class Settings:
     keep: bool = False
     shard: str | None = None
     store_durations: bool = False
-    durations_file: Path = Path(".pgshard-durations.json")
+    durations_file: Path = Path(".test_durations")
     pg_bin: str | None = None
     cache_dir: Path | None = None
     compose_file: Path = Path("docker-compose.test.yml")

@@ -1,4 +1,6 @@
-"""``--shard K/N``: pick this machine's share of the suite, and the durations file that balances it.
+"""``--shard K/N``: pick this machine's share of the suite, and the durations file that balances it: the
+same ``.test_durations`` file and format as pytest-split's (``--store-durations`` there, ``--pg-store-durations``
+here), so a team that has one keeps it.
 
 Every CI machine runs the same collection and must make the same choice without talking to the others,
 so the split depends only on the set of node ids and the durations file: never on collection order,
@@ -65,20 +67,29 @@ def _usable(value: object) -> float | None:
 
 
 def _parse_durations(data: object) -> dict[str, float] | str:
-    """The durations, or why the document is not a durations file."""
+    """The durations, or why the document is not a durations file. Read: pytest-split's ``.test_durations``
+    (an object mapping test ids to seconds, or its older list of ``[id, seconds]`` pairs) and pgshard's own
+    earlier ``{"version": 1, "durations": {...}}``; written: pytest-split's, so both tools share one file."""
+    if isinstance(data, list):
+        if not all(isinstance(pair, list) and len(pair) == 2 and isinstance(pair[0], str) for pair in data):
+            return "expected an object mapping test ids to seconds, or a list of [test id, seconds] pairs"
+        data = dict(data)
     if not isinstance(data, dict):
-        return f"expected a JSON object, got {type(data).__name__}"
-    if data.get("version") != DURATIONS_VERSION:
-        return f'expected "version": {DURATIONS_VERSION}, got {data.get("version")!r}'
-    raw = data.get("durations")
-    if not isinstance(raw, dict):
-        return 'expected "durations" to be an object mapping test ids to seconds'
+        return f"expected a JSON object mapping test ids to seconds, got {type(data).__name__}"
+    raw: object = data
+    if "version" in data and "durations" in data:  # pgshard's earlier format
+        if data.get("version") != DURATIONS_VERSION:
+            return f'expected "version": {DURATIONS_VERSION}, got {data.get("version")!r}'
+        raw = data.get("durations")
+        if not isinstance(raw, dict):
+            return 'expected "durations" to be an object mapping test ids to seconds'
+    assert isinstance(raw, dict)
     durations: dict[str, float] = {}
     for nodeid, value in raw.items():
         seconds = _usable(value)
         if seconds is None:
             return f"duration of {nodeid!r} is {value!r}, not a number of seconds"
-        durations[nodeid] = seconds
+        durations[str(nodeid)] = seconds
     return durations
 
 
@@ -96,7 +107,7 @@ def _read_durations(path: Path) -> tuple[dict[str, float] | None, str | None]:
         return None, f"is not valid JSON ({exc.msg} at line {exc.lineno})"
     parsed = _parse_durations(data)
     if isinstance(parsed, str):
-        return None, f"is not a pgshard durations file ({parsed})"
+        return None, f"is not a durations file ({parsed})"
     return parsed, None
 
 
@@ -199,10 +210,7 @@ class DurationsRecorder:
         existing, problem = _read_durations(path)
         merged = dict(existing or {})
         merged.update(self._durations)
-        document = {
-            "version": DURATIONS_VERSION,
-            "durations": {nodeid: round(merged[nodeid], 4) for nodeid in sorted(merged)},
-        }
+        document = {nodeid: round(merged[nodeid], 4) for nodeid in sorted(merged)}  # pytest-split's format
         text = json.dumps(document, indent=2, ensure_ascii=False) + "\n"
         try:
             self._replace(path, text)

@@ -275,7 +275,7 @@ def test_an_unusable_durations_file_warns_and_shards_by_count(
         pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, content: str, warning: str,
         xdist: list[str]) -> None:
     pytester.makepyfile(test_plain=PLAIN_TESTS)
-    (pytester.path / ".pgshard-durations.json").write_text(content)
+    (pytester.path / ".test_durations").write_text(content)
     out = pytester.path / "ran.txt"
     monkeypatch.setenv("PGSHARD_TEST_OUT", str(out))
     result = pytester.runpytest_subprocess("-p", "no:randomly", "--shard", "2/2", *xdist)
@@ -290,8 +290,8 @@ def test_stored_durations_cover_every_test_under_xdist_and_drive_the_split(
     monkeypatch.setenv("PGSHARD_TEST_OUT", str(pytester.path / "ran.txt"))
     stored = pytester.runpytest_subprocess("-p", "no:randomly", "-n", "2", "--pg-store-durations")
     stored.assert_outcomes(passed=6)
-    document = json.loads((pytester.path / ".pgshard-durations.json").read_text())
-    assert sorted(document["durations"]) == _sorted_ids()
+    document = json.loads((pytester.path / ".test_durations").read_text())  # pytest-split's file and format
+    assert sorted(document) == _sorted_ids()
     ran = []
     for k in (1, 2):
         out = pytester.path / f"ran-{k}.txt"
