@@ -368,7 +368,8 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
     if run.server is None and not stats:
         return
     lines = summary_lines(run.server, stats, run.stale_dropped, run.timings.get("server"), run.commit_tests,
-                          run.notes, server_waited=run.timings.get("server_wait"))
+                          run.notes, server_waited=run.timings.get("server_wait"),
+                          verbose=config.getoption("verbose") > 0)
     if config.getoption("verbose") <= -2:  # -qq: only what the user must act on (a repair, a clone kept live...)
         lines = list(dict.fromkeys([*run.notes, *(note for s in stats for note in s.get("notes", []))]))
     if lines:

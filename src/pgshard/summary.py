@@ -37,16 +37,14 @@ def shown_url(url: str) -> str:
 
 def summary_lines(server: ServerInfo | None, stats: list[dict[str, Any]], stale: list[str],
                   server_seconds: float | None, commit_tests: int = 0, notes: list[str] | None = None, *,
-                  server_waited: float | None = None) -> list[str]:
-    """The terminal summary: server, template hit or miss, clone time per worker."""
-    lines: list[str] = []
+                  server_waited: float | None = None, verbose: bool = False) -> list[str]:
+    """The terminal summary: the run's facts (server, template hit or miss, clone time per worker, db_commit
+    clones) on one line, or a line each when ``verbose`` (-v); then what the run left, dropped or noted."""
+    lines: list[str] = []  # the facts
     if server is not None:
         lines.append(server_line(server, server_seconds, server_waited))
     elif any("server" in s for s in stats):
         lines.append(next(str(s["server"]) for s in stats if "server" in s))
-    stale = [*stale, *(name for s in stats for name in s.get("stale_dropped", []) if name not in stale)]
-    if stale:
-        lines.append(f"dropped {len(stale)} database(s) left by dead runs: {', '.join(stale)}")
     templates = [s["template"] for s in stats if "template" in s]
     if templates:
         built = [t for t in templates if t["built"]]
@@ -65,6 +63,11 @@ def summary_lines(server: ServerInfo | None, stats: list[dict[str, Any]], stale:
         waits = [float(s["commit_wait_ms"]) for s in stats if "commit_wait_ms" in s]
         wait = f"{median(waits):.1f} ms" if waits else "not reported"
         lines.append(f"db_commit clones: {commits}, median wait {wait}")
+    if lines and not verbose:
+        lines = ["; ".join(lines)]
+    stale = [*stale, *(name for s in stats for name in s.get("stale_dropped", []) if name not in stale)]
+    if stale:
+        lines.append(f"dropped {len(stale)} database(s) left by dead runs: {', '.join(stale)}")
     errors = sorted({str(s["finish_error"]) for s in stats if s.get("finish_error")})
     for error in errors:  # the cause only: a foreign fault's whole line was shown with the failing test
         if error.startswith("the cache dir "):

@@ -231,8 +231,8 @@ def test_a_run_killed_mid_way_leaves_nothing_after_the_next_run(
 
     result = shard_project.run("-n", "2")
     result.assert_outcomes(passed=3)
-    result.stdout.fnmatch_lines([f"*dropped 2 database(s) left by dead runs: {', '.join(sorted(left))}*",
-                                 "*reused (cache hit)*"])
+    result.stdout.fnmatch_lines(["*reused (cache hit)*"])
+    result.stdout.fnmatch_lines([f"dropped 2 database(s) left by dead runs: {', '.join(sorted(left))}"])
     _only_the_template_is_left(admin_conn, prefix)
 
 

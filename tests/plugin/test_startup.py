@@ -6,6 +6,7 @@ collects, before any test asks for it."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import uuid
 from pathlib import Path
@@ -80,7 +81,7 @@ def test_the_controller_of_a_warm_n2_run_connects_to_nothing(project: Project, p
     project.run("-n", "2").assert_outcomes(passed=2)  # builds the template, learns the server's facts
     warm = project.run("-n", "2")
     warm.assert_outcomes(passed=2)
-    warm.stdout.fnmatch_lines(["*reused (cache hit)*", "*clone per worker (*): gw0 * ms, gw1 * ms*"])
+    warm.stdout.fnmatch_lines(["*reused (cache hit); clone per worker (*): gw0 * ms, gw1 * ms*"])
     assert json.loads(probed.read_text())["psycopg"] is False, "the controller imported the driver"
 
 
@@ -90,7 +91,7 @@ def test_a_warm_run_clones_its_database_while_pytest_collects(
     monkeypatch.setenv("PROBE_CLONE", "1")
     warm = project.run()
     warm.assert_outcomes(passed=2)
-    warm.stdout.fnmatch_lines(["*reused (cache hit)*", "*clone per worker (*): main * ms*"])
+    warm.stdout.fnmatch_lines(["*reused (cache hit); clone per worker (*): main * ms*"])
     probe = json.loads(probed.read_text())
     assert probe["found"] and len(probe["found"]) == 1, "no clone of this run existed when collection ended"
 
@@ -290,13 +291,27 @@ def test_a_run_that_only_lists_starts_no_server(listing: str, project: Project, 
     _nothing_started(own_cache)
 
 
-def test_a_green_runs_summary_shows_no_encoded_path_and_nothing_under_qq(project: Project) -> None:
+def _summary(result: pytest.RunResult) -> list[str]:
+    """The lines of the pgshard section, up to pytest's own closing line."""
+    section = result.stdout.str().split(" pgshard ", 1)[1].splitlines()[1:]
+    return [line for line in section if line and not line.startswith("=")][:10]
+
+
+def test_a_green_runs_summary_is_one_line_with_details_under_v_and_nothing_under_qq(project: Project) -> None:
     project.pytester.makepyfile(test_startup=TESTS)
     default = project.run()
     default.assert_outcomes(passed=2)
-    section = default.stdout.str().split(" pgshard ", 1)[1]
-    server = next(line for line in section.splitlines() if line.startswith("server: "))
-    assert "%2F" not in server and "passfile" not in server, server
+    lines = _summary(default)
+    assert len(lines) == 1, lines  # server; template; clones
+    assert re.fullmatch(r"server: embedded .*, ready in [\d.]+ s.* at postgresql\+psycopg://pgshard@127\.0\.0\.1:\d+/"
+                        r"postgres; template pgshard_tpl_\w+: (built in [\d.]+ s \(cache miss\)|reused \(cache hit\)); "
+                        r"clone per worker \(\w+\): main \d+ ms", lines[0]), lines[0]
+    assert "%2F" not in lines[0] and "passfile" not in lines[0], lines[0]
+    verbose = project.run("-v")
+    verbose.assert_outcomes(passed=2)
+    details = _summary(verbose)
+    assert [line.split(" ", 1)[0] for line in details] == ["server:", "template", "clone"], details
+    assert details[1].startswith("template pgshard_tpl_") and details[1].endswith(": reused (cache hit)"), details
     quiet = project.run("-qq")
     assert quiet.ret == pytest.ExitCode.OK, quiet.stdout.str()
     assert " pgshard " not in quiet.stdout.str() and "server: " not in quiet.stdout.str(), quiet.stdout.str()
