@@ -24,8 +24,6 @@ from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
-from filelock import FileLock, Timeout
-
 from pgshard.host import identity_alive, process_identity
 
 ANNOUNCE_AFTER = 3.0  # seconds of waiting before we say who holds the lock
@@ -148,9 +146,13 @@ class CoordinatorLock(_NamedLock):
     def __init__(self, path: Path, purpose: str, *, timeout: float, announce_after: float = ANNOUNCE_AFTER) -> None:
         super().__init__(path, purpose, timeout=timeout, announce_after=announce_after)
         self.record = path.with_name(path.name + ".holder")
+        from filelock import FileLock  # here: a warm run takes no lock, and filelock's import costs 30-90 ms
+
         self._lock = FileLock(str(path), thread_local=False)
 
     def _wait(self, timeout: float) -> bool:
+        from filelock import Timeout
+
         try:
             self._lock.acquire(timeout=max(timeout, 0.0), poll_interval=0.05)
         except Timeout:

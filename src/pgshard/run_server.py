@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, TypeVar
 from sqlalchemy.engine import make_url
 
 from pgshard.clones import worker_database_name
+from pgshard.lockfile import announce
 from pgshard.server import ServerLease, acquire, embedded_lease
 from pgshard.server.base import ServerError, ServerInfo, passfile_secrets
 from pgshard.settings import Settings, database_url, env_assignments, mask_url, placeholders
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
     from pgshard.server.embedded import EmbeddedServer
 
 HANDOFF = "PGSHARD_HANDOFF"  # controller -> xdist workers: the server and the run id
+SAY_AFTER = 2.0  # seconds of waiting for the background start before the terminal is told (and when it ends)
 
 
 _R = TypeVar("_R", bound="RunServer")
@@ -138,7 +140,15 @@ class RunServer:
         return True
 
     def _started_server(self) -> ServerInfo:
-        self._server_settled()
+        begun = time.perf_counter()
+        slow = self._server_done is not None and not self._server_settled(SAY_AFTER)
+        if slow:  # a first start (initdb) on a busy machine: a silent wait looks like a hang
+            announce("pgshard: waiting for the embedded server to start (begun beside pytest's own start-up; "
+                     "a first run here initialises its cluster)")
+            self._server_settled()
+            self.timings["server_wait"] = time.perf_counter() - begun
+        if slow and self.server is not None:
+            announce(f"pgshard: the embedded server started in {self.timings.get('server', 0.0):.1f} s")
         if self._server_error is not None:
             raise self._server_error
         assert self.server is not None
@@ -255,8 +265,6 @@ class RunServer:
                 choice = url_driver(self.settings.rootdir, names)
                 scheme = choice.scheme or ""
                 if choice.warning and self.worker_id == "main":
-                    from pgshard.lockfile import announce
-
                     announce(f"pgshard: {choice.warning}")
             self._url_scheme = scheme
         return self._url_scheme or None

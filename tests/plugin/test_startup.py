@@ -16,7 +16,7 @@ import pytest
 
 from pgshard.leases import wait_for
 from pgshard.server.base import ServerInfo
-from tests.conftest import Project, databases
+from tests.conftest import Project, databases, remove_cache
 
 TESTS = '''
 def test_one(pg_database):
@@ -206,8 +206,8 @@ def test_a_cold_server_starts_while_the_conftests_import(
     assert json.loads(out.read_text())["up_at_import"] is False, "the server was up before the conftests imported"
 
 
-def _failing_bindir(root: Path) -> Path:
-    """Server binaries whose initdb fails (the rest are the system's own): a start that breaks mid-way."""
+def _bindir_with_initdb(root: Path, script: str) -> Path:
+    """The system's server binaries with ``initdb`` replaced by a shell script (``{real}``: the real bindir)."""
     from pgshard.server.binaries import find_binaries
 
     real, _ = find_binaries()
@@ -216,11 +216,39 @@ def _failing_bindir(root: Path) -> Path:
     for tool in real.iterdir():
         (bindir / tool.name).symlink_to(tool)
     (bindir / "initdb").unlink()
-    (bindir / "initdb").write_text("#!/bin/sh\necho 'initdb: error: simulated failure for the test' >&2\nexit 1\n")
+    (bindir / "initdb").write_text(script.format(real=real))
     (bindir / "initdb").chmod(0o755)
     for path in (root, bindir):
         path.chmod(0o755)  # the server's account (pgshard runs as root here) reaches it
     return bindir
+
+
+def _failing_bindir(root: Path) -> Path:
+    """Server binaries whose initdb fails (the rest are the system's own): a start that breaks mid-way."""
+    return _bindir_with_initdb(root, "#!/bin/sh\necho 'initdb: error: simulated failure for the test' >&2\nexit 1\n")
+
+
+def test_a_cold_start_that_takes_long_says_so_when_it_begins_and_when_it_ends(
+        project: Project, own_cache: Path) -> None:
+    """A first start that the run waits for more than 2 s of (initdb on a busy machine; here an initdb made 3 s
+    slower): the terminal is told, once as the wait begins and once as it ends, and the run is green."""
+    project.pytester.makepyfile(test_startup=TESTS)
+    bindir = _bindir_with_initdb(own_cache.with_name(own_cache.name + "-bin"),
+                                 '#!/bin/sh\nsleep 3\nexec {real}/initdb "$@"\n')
+    try:
+        result = project.run("-o", f"pgshard_pg_bin={bindir}")
+        text = result.stdout.str() + result.stderr.str()
+        result.assert_outcomes(passed=2)
+    finally:
+        remove_cache(own_cache)  # its server runs binaries from the directory removed next
+        shutil.rmtree(bindir.parent, ignore_errors=True)
+    lines = text.splitlines()
+    begins = "pgshard: waiting for the embedded server to start"
+    ends = r"pgshard: the embedded server started in [\d.]+ s"
+    waiting = [i for i, line in enumerate(lines) if line.startswith(begins)]
+    started = [i for i, line in enumerate(lines) if re.fullmatch(ends, line)]
+    assert len(waiting) == 1 and len(started) == 1 and waiting[0] < started[0], text
+    assert float(lines[started[0]].split(" in ")[1].split()[0]) >= 3, lines[started[0]]
 
 
 @pytest.mark.parametrize("workers", [(), ("-n", "2")], ids=["serial", "n2"])
