@@ -260,6 +260,9 @@ def run(contender: Contender, bench: Bench, project: Project, dirs: Dirs, subset
         if wall >= time_limit(expected):
             result.error = f"killed after {time_limit(expected):.0f} s (its time limit)\n"
         if returncode != 0 or result.passed != expected:
-            tail = log.read_text().strip().splitlines()[-15:]
+            text = log.read_text()
+            tail = text.strip().splitlines()[-15:]
             result.error += f"exit {returncode}, {result.passed}/{expected} passed:\n" + "\n".join(tail)
+            if "OperationalError" in text and "OperationalError" not in result.error:  # pytest cut it short
+                result.error += "\n(OperationalError in its output: its database server went away)"
     return result
