@@ -206,6 +206,41 @@ def test_a_cold_server_starts_while_the_conftests_import(
     assert json.loads(out.read_text())["up_at_import"] is False, "the server was up before the conftests imported"
 
 
+PARTS_TESTS = '''
+import os
+import psycopg
+
+def test_the_app_logs_in_with_the_password_it_was_given(pg_database):
+    # an app that builds its URL from parts (the FastAPI full-stack template's settings): no passfile for it
+    with psycopg.connect(host=os.environ["DB_HOST"], port=os.environ["DB_PORT"], user=os.environ["DB_USER"],
+                         password=os.environ["DB_PASSWORD"], dbname=os.environ["DB_NAME"],
+                         passfile="/dev/null") as conn:
+        assert conn.execute("SELECT current_database()").fetchone()[0] == pg_database.name
+'''
+
+
+@pytest.mark.parametrize("cold", ["no-cluster", "passfile-gone"])
+@pytest.mark.parametrize("workers", [(), ("-n", "2")], ids=["serial", "n2"])
+def test_a_password_given_to_the_app_before_the_server_is_up_is_the_one_that_opens_it(
+        cold: str, workers: tuple[str, ...], project: Project, own_cache: Path) -> None:
+    """pgshard_env's {password} is read while the cold server starts beside pytest's imports: the password the
+    cluster then gets (initdb, or a stopped cluster whose passfile was lost) must be that one. Found on the FastAPI
+    full-stack template: its serial cold run failed every test with "password authentication failed"."""
+    project.pytester.makeini("[pytest]\npgshard_migrate = alembic:alembic.ini\npgshard_env =\n    DB_HOST={host}\n"
+                             "    DB_PORT={port}\n    DB_USER={user}\n    DB_PASSWORD={password}\n"
+                             "    DB_NAME={dbname}\n")
+    project.pytester.makepyfile(test_parts=PARTS_TESTS)
+    if cold == "passfile-gone":
+        from pgshard.server.embedded import EmbeddedServer
+
+        project.run().assert_outcomes(passed=1)  # a cluster, then stopped, its passfile then lost
+        server = EmbeddedServer(cache_dir=own_cache)
+        server.stop()
+        server.passfile.unlink()
+    result = project.run(*workers)
+    result.assert_outcomes(passed=1)
+
+
 def _bindir_with_initdb(root: Path, script: str) -> Path:
     """The system's server binaries with ``initdb`` replaced by a shell script (``{real}``: the real bindir)."""
     from pgshard.server.binaries import find_binaries

@@ -50,6 +50,7 @@ from pgshard.server.binaries import (
     traversable_by_others,
     why,
 )
+from pgshard.settings import passfile_passwords
 
 if TYPE_CHECKING:
     from pgshard.settings import Settings
@@ -168,7 +169,7 @@ class EmbeddedServer:
         self._own(self.sockdir, 0o700)
         shutil.rmtree(self.datadir, ignore_errors=True)
         self._own(self.datadir, 0o700)
-        password = secrets.token_urlsafe(24)
+        password = self._password()
         pwfile = self.sockdir / "initdb.pw"  # read by initdb as the server account, removed right after
         pwfile.write_text(password + "\n")
         os.chmod(pwfile, 0o600)
@@ -190,6 +191,16 @@ class EmbeddedServer:
         # any host/port/database, user pgshard: only URLs naming this file reach for it
         self._write_private(self.passfile, f"*:*:*:{SUPERUSER}:{password}\n")
         self._write_private(self.secret_file, json.dumps({"port": self._secret().get("port") or free_port()}))
+
+    def _password(self) -> str:
+        """The password the passfile holds, for the cluster to get: plan() writes one before initdb or a
+        repair, so that pgshard_env's ``{password}``, given to the app while the server starts, is the one
+        that opens it. A new one when the passfile has none of ours (only URL-safe ones are taken: the
+        password goes into a statement)."""
+        found = passfile_passwords(str(self.passfile))
+        if found and re.fullmatch(r"[A-Za-z0-9_-]{16,}", found[0]):
+            return found[0]
+        return secrets.token_urlsafe(24)
 
     def _initialised(self) -> bool:
         return (self.datadir / "PG_VERSION").is_file() and self.passfile.is_file()
@@ -287,7 +298,7 @@ class EmbeddedServer:
         self.notes.append(f"the embedded server's passfile {self.passfile} {reason}; gave the role {SUPERUSER} "
                           "a new password (its databases are unchanged)")
         self.stop()
-        password = secrets.token_urlsafe(24)  # URL-safe: no quote to escape in the statement
+        password = self._password()  # URL-safe: no quote to escape in the statement
         self._run([str(self.bindir / "postgres"), "--single", "-D", str(self.datadir), "-c", "log_min_messages=fatal",
                    "postgres"], stdin=f"ALTER ROLE {SUPERUSER} PASSWORD '{password}'\n")
         self._write_private(self.passfile, f"*:*:*:{SUPERUSER}:{password}\n")
@@ -337,6 +348,8 @@ class EmbeddedServer:
             if not port or not port_free(port):
                 port = free_port()
                 self._write_private(self.secret_file, json.dumps({**secret, "port": port}))
+            if not passfile_passwords(str(self.passfile)):  # {password} is read before initdb runs: fix it now
+                self._write_private(self.passfile, f"*:*:*:{SUPERUSER}:{self._password()}\n")
         self._planned_port = port
         return self.url(port)
 
