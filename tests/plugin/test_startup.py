@@ -272,7 +272,7 @@ def test_a_cold_start_that_takes_long_says_so_when_it_begins_and_when_it_ends(
                                  '#!/bin/sh\nsleep 3\nexec {real}/initdb "$@"\n')
     try:
         result = project.run("-o", f"pgshard_pg_bin={bindir}")
-        text = result.stdout.str() + result.stderr.str()
+        text = result.stdout.str() + "\n" + result.stderr.str()  # (pytest 7.4 ends stdout without a newline)
         result.assert_outcomes(passed=2)
     finally:
         remove_cache(own_cache)  # its server runs binaries from the directory removed next
