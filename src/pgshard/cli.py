@@ -87,7 +87,7 @@ def server_for(settings: Settings) -> Iterator[Target]:
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     if settings.server == "embedded":
-        embedded = _embedded(settings)
+        embedded = EmbeddedServer.for_settings(settings)
         embedded.ensure_home()  # a cache dir that cannot be made is one line naming pgshard_cache_dir
         if embedded.running_port() is None:  # looked at, not started: its databases are read while it runs
             return _stopped_status(args, settings, embedded)
@@ -127,7 +127,7 @@ def cmd_clean_server(args: argparse.Namespace, settings: Settings) -> int:
     if settings.server != "embedded":
         raise CliError("clean --server removes the embedded server's cache; this environment selects another "
                        "server (--pg-url / PGSHARD_URL / --pg-server)")
-    server = _embedded(settings)
+    server = EmbeddedServer.for_settings(settings)
     if not server.home.exists():
         print(f"nothing to remove: {server.home} does not exist")
         return EXIT_OK
@@ -206,10 +206,6 @@ def cmd_clean(args: argparse.Namespace, settings: Settings) -> int:
 
 
 # -- the embedded server -------------------------------------------------------------------------------------
-def _embedded(settings: Settings) -> EmbeddedServer:
-    return EmbeddedServer.for_settings(settings)
-
-
 def _note_other_server(settings: Settings) -> None:
     if settings.server != "embedded":
         via = "--pg-url / PGSHARD_URL" if settings.server == "url" else "--pg-server / PGSHARD_SERVER"
@@ -219,7 +215,7 @@ def _note_other_server(settings: Settings) -> None:
 
 def cmd_server_start(args: argparse.Namespace, settings: Settings) -> int:
     _note_other_server(settings)
-    server = _embedded(settings)
+    server = EmbeddedServer.for_settings(settings)
     was_running = server.running_port() is not None
     info = server.acquire()
     try:
@@ -235,7 +231,7 @@ def cmd_server_start(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_server_stop(args: argparse.Namespace, settings: Settings) -> int:
-    server = _embedded(settings)
+    server = EmbeddedServer.for_settings(settings)
     server.set_persistent(False)
     if server.running_port() is None:
         print(f"{server.source}: not running")
@@ -251,7 +247,7 @@ def cmd_server_stop(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_server_status(args: argparse.Namespace, settings: Settings) -> int:
     _note_other_server(settings)
-    server = _embedded(settings)
+    server = EmbeddedServer.for_settings(settings)
     state = server.status()
     port = cast("int | None", state["port"])
     url = server.url(port) if port is not None else None

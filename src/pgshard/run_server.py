@@ -141,14 +141,14 @@ class RunServer:
 
     def _started_server(self) -> ServerInfo:
         begun = time.perf_counter()
-        slow = self._server_done is not None and not self._server_settled(SAY_AFTER)
-        if slow:  # a first start (initdb) on a busy machine: a silent wait looks like a hang
+        # a first start (initdb) on a busy machine: a silent wait looks like a hang
+        if not self._server_settled(SAY_AFTER):
             announce("pgshard: waiting for the embedded server to start (begun beside pytest's own start-up; "
                      "a first run here initialises its cluster)")
             self._server_settled()
             self.timings["server_wait"] = time.perf_counter() - begun
-        if slow and self.server is not None:
-            announce(f"pgshard: the embedded server started in {self.timings.get('server', 0.0):.1f} s")
+            if self.server is not None:
+                announce(f"pgshard: the embedded server started in {self.timings.get('server', 0.0):.1f} s")
         if self._server_error is not None:
             raise self._server_error
         assert self.server is not None
@@ -273,7 +273,6 @@ class RunServer:
         """The password given in --pg-url, for ``{password}`` (pgshard's own URLs carry none)."""
         if self.settings.server != "url" or not self.settings.url:
             return None
-
         with contextlib.suppress(Exception):
             return str(make_url(self.settings.url).password or "")
         return None

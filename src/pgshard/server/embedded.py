@@ -197,10 +197,11 @@ class EmbeddedServer:
         repair, so that pgshard_env's ``{password}``, given to the app while the server starts, is the one
         that opens it. A new one when the passfile has none of ours (only URL-safe ones are taken: the
         password goes into a statement)."""
+        return self._kept_password() or secrets.token_urlsafe(24)
+
+    def _kept_password(self) -> str | None:
         found = passfile_passwords(str(self.passfile))
-        if found and re.fullmatch(r"[A-Za-z0-9_-]{16,}", found[0]):
-            return found[0]
-        return secrets.token_urlsafe(24)
+        return found[0] if found and re.fullmatch(r"[A-Za-z0-9_-]{16,}", found[0]) else None
 
     def _initialised(self) -> bool:
         return (self.datadir / "PG_VERSION").is_file() and self.passfile.is_file()
@@ -348,8 +349,8 @@ class EmbeddedServer:
             if not port or not port_free(port):
                 port = free_port()
                 self._write_private(self.secret_file, json.dumps({**secret, "port": port}))
-            if not passfile_passwords(str(self.passfile)):  # {password} is read before initdb runs: fix it now
-                self._write_private(self.passfile, f"*:*:*:{SUPERUSER}:{self._password()}\n")
+            if self._kept_password() is None:  # {password} is read before initdb runs: fix it now
+                self._write_private(self.passfile, f"*:*:*:{SUPERUSER}:{secrets.token_urlsafe(24)}\n")
         self._planned_port = port
         return self.url(port)
 
