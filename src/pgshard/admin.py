@@ -57,6 +57,10 @@ class Marker:
     started: float = field(default_factory=time.time)
     fingerprint: str = ""
     project: str = ""  # templates: whose pgshard_keep_templates counts them ("": built by an older pgshard)
+    checks: tuple[str, ...] = ()  # templates: the pgshard_check lines run on it (verify.py) ...
+    checked_at: float = 0.0  # ... when, and how long they took
+    check_seconds: float = 0.0
+    findings: tuple[str, ...] = ()  # what failed checks found (pgshard_check_mode = warn sealed it anyway)
 
     def render(self) -> str:
         return MARKER_PREFIX + json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
@@ -67,8 +71,11 @@ class Marker:
             return None
         try:
             data = json.loads(comment[len(MARKER_PREFIX):])
-            return cls(**{k: data[k] for k in ("kind", "run", "host", "pid", "started", "fingerprint", "project")
-                          if k in data})
+            fields = ("kind", "run", "host", "pid", "started", "fingerprint", "project", "checks", "checked_at",
+                      "check_seconds", "findings")
+            found: dict[str, Any] = {k: tuple(data[k]) if isinstance(data[k], list) else data[k]
+                                     for k in fields if k in data}
+            return cls(**found)
         except (ValueError, TypeError):
             return None
 

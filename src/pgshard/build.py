@@ -35,11 +35,13 @@ from pgshard.migrate import (
 from pgshard.server.base import ServerError
 from pgshard.settings import database_url, temporary_env
 from pgshard.steps import CommandMigrator, interpreter_env
+from pgshard.verify import CheckRun
 
-# Steps that run the project's Python: these go to the child. ``sql:`` files touch no Python of the
-# project (psycopg on the given URL), a command is a process of its own already, and a Migrator object a
-# user built in Python is applied where it was built: none of them needs a child.
-_CHILD_KINDS = (AlembicMigrator, MetadataMigrator, PythonMigrator)
+# Steps that run the project's Python: these go to the child (pgshard_check's too: it imports the models
+# and env.py). ``sql:`` files touch no Python of the project (psycopg on the given URL), a command is a
+# process of its own already, and a Migrator object a user built in Python is applied where it was built:
+# none of them needs a child.
+_CHILD_KINDS = (AlembicMigrator, MetadataMigrator, PythonMigrator, CheckRun)
 _TAIL_LINES = 3
 
 
@@ -96,7 +98,8 @@ def _in_child(batch: Sequence[Migrator], url: str, env: Mapping[str, str]) -> No
     if events and "reason" in events[-1]:
         last = events[-1]
         raise MigrationError(last["spec"], last["reason"], where=last.get("where", ""),
-                             traceback=last.get("traceback", ""), output=last.get("output", []))
+                             traceback=last.get("traceback", ""), output=last.get("output", []),
+                             label=last.get("label", "pgshard_migrate step"))
     # The child died inside a step (os._exit, a crash, a signal): blame the step it had started.
     started = [e["spec"] for e in events if "spec" in e]
     tail = [line for line in stderr.decode(errors="replace").splitlines() if line.strip()][-_TAIL_LINES:]
@@ -179,7 +182,8 @@ def main() -> int:
                 apply_one(migrator, url)
             except MigrationError as exc:
                 result.write(json.dumps({"spec": exc.spec, "reason": exc.reason, "where": exc.where,
-                                         "traceback": exc.traceback, "output": exc.output}) + "\n")
+                                         "traceback": exc.traceback, "output": exc.output,
+                                         "label": exc.label}) + "\n")
                 return 3
         result.write(json.dumps({"ok": True}) + "\n")
     return 0

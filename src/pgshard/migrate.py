@@ -36,7 +36,7 @@ class MigrationError(RuntimeError):
     it was raised (``file:line`` of the project's code); ``traceback`` keeps the whole of it for --tb=long."""
 
     def __init__(self, spec: str, cause: BaseException | str, *, where: str = "", traceback: str = "",
-                 output: Sequence[str] = ()) -> None:
+                 output: Sequence[str] = (), label: str = "pgshard_migrate step") -> None:
         reason = cause if isinstance(cause, str) else f"{type(cause).__name__}: {cause}"
         reason = " ".join(str(reason).split())
         if len(reason) > 500:
@@ -44,9 +44,10 @@ class MigrationError(RuntimeError):
         if isinstance(cause, BaseException) and not where:
             where = raised_at(cause)
         at = f" (at {where})" if where else ""
-        text = f"pgshard_migrate step '{spec}' failed: {reason}{at}"
+        text = f"{label} '{spec}' failed: {reason}{at}"
         super().__init__(mask_url("\n".join([text, *output])))
         self.spec = spec
+        self.label = label  # what failed: a pgshard_migrate step, or a pgshard_check (verify.py)
         self.reason = reason
         self.where = where
         self.output = list(output)  # a command's last meaningful lines and the file with all of it
@@ -164,7 +165,7 @@ def hash_tree(root: Path, suffixes: Sequence[str] | None = None) -> str:
 
 
 @contextlib.contextmanager
-def _chdir(path: Path) -> Iterator[None]:
+def chdir(path: Path) -> Iterator[None]:
     old = Path.cwd()
     os.chdir(path)
     try:
@@ -174,7 +175,7 @@ def _chdir(path: Path) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _logging_kept() -> Iterator[None]:
+def logging_kept() -> Iterator[None]:
     """A stock env.py calls logging.config.fileConfig(), which disables every existing logger and
     replaces the root handlers (pytest's capture included): put them back after the migration."""
     import logging
@@ -220,7 +221,7 @@ class AlembicMigrator:
             return (self.ini.parent / location).resolve()
         from alembic.script import ScriptDirectory
 
-        with _chdir(self.ini.parent):
+        with chdir(self.ini.parent):
             return Path(ScriptDirectory.from_config(self._config()).dir)
 
     def fingerprint(self) -> str:
@@ -229,7 +230,7 @@ class AlembicMigrator:
     def apply(self, url: str) -> None:
         from alembic import command
 
-        with _chdir(self.ini.parent), _logging_kept():
+        with chdir(self.ini.parent), logging_kept():
             command.upgrade(self._config(url), self.revision)
 
 
@@ -239,14 +240,15 @@ class MetadataMigrator:
 
     spec: str
     target: str
+    option: str = "pgshard_migrate"  # whose line it is (pgshard_check's models: reads a metadata too)
 
     def _metadata(self) -> Any:
         from sqlalchemy import MetaData
 
-        obj = import_object(self.target, f"pgshard_migrate line '{self.spec}'")
+        obj = import_object(self.target, f"{self.option} line '{self.spec}'")
         metadata = obj if isinstance(obj, MetaData) else getattr(obj, "metadata", None)
         if not isinstance(metadata, MetaData):
-            raise SettingsError(f"pgshard_migrate line '{self.spec}': {self.target} is not a MetaData "
+            raise SettingsError(f"{self.option} line '{self.spec}': {self.target} is not a MetaData "
                                 "nor a class with .metadata")
         return metadata
 

@@ -23,13 +23,14 @@ from pgshard.admin import Admin, intents_dir
 from pgshard.build import BuildLifecycle, build_fingerprint
 from pgshard.clones import Clones, CloneTimes, Database, drop_stale
 from pgshard.host import default_cache_dir
-from pgshard.migrate import Migrator, Watch
+from pgshard.migrate import MetadataMigrator, Migrator, Watch
 from pgshard.run_server import RunServer
 from pgshard.server.base import ServerError, connect
 from pgshard.settings import mask_url
 from pgshard.steps import blind_commands, hash_globs, parse_migrators
 from pgshard.summary import median, server_line
 from pgshard.template import Template, TemplateResult, project_key
+from pgshard.verify import check_fingerprint
 
 
 @dataclass
@@ -132,7 +133,7 @@ class Run(RunServer):
         """Whether the template's fingerprint reads files only (alembic, sql and command steps): metadata: and
         python: steps import the app to compute it, which must happen in the main thread, after the
         conftests (which may set what the app reads at import)."""
-        from pgshard.migrate import MetadataMigrator, PythonMigrator
+        from pgshard.migrate import PythonMigrator
 
         return not any(isinstance(m, (MetadataMigrator, PythonMigrator)) for m in migrators)
 
@@ -219,11 +220,15 @@ class Run(RunServer):
                 self.notes += [f"pgshard_migrate step {spec!r} names no file pgshard can hash: its template is "
                                "reused until the command's text changes; list what it reads in pgshard_fingerprint"
                                for spec in blind_commands(migrators)]
+            check_inputs, cannot = check_fingerprint(self.settings.check, migrators)
+            inputs += check_inputs
+            self.notes += cannot
             self._maker = Template(self._admin(), server, migrators, lock_dir=lock_dir, run_id=self.run_id,
                                    rebuild=self.settings.rebuild, keep=self.settings.keep_templates,
                                    env_lines=self.settings.env, url_scheme=self.url_scheme(), inputs=inputs,
                                    project=project_key(self.settings.rootdir),
-                                   watch=Watch(self.settings.build_timeout, self.say))
+                                   watch=Watch(self.settings.build_timeout, self.say),
+                                   checks=self.settings.check, check_mode=self.settings.check_mode)
         return self._maker
 
     def worker_database(self) -> Database:
@@ -388,7 +393,9 @@ class Run(RunServer):
         if self.template is not None:
             out["template"] = {"name": self.template.name, "built": self.template.built,
                                "build_seconds": self.template.build_seconds,
-                               "wait_seconds": self.template.wait_seconds}
+                               "wait_seconds": self.template.wait_seconds, "checks": list(self.template.checks),
+                               "checked_at": self.template.checked_at, "check_seconds": self.template.check_seconds,
+                               "findings": list(self.template.findings)}
         times = self.clone_times
         if times is not None:
             out["clone_ms"] = times.worker_clone * 1000

@@ -114,6 +114,12 @@ OPTIONS: tuple[Option, ...] = (
            "How many fresh clones to keep ready for db_commit tests."),
     Option("build_timeout", None, "PGSHARD_BUILD_TIMEOUT", "pgshard_build_timeout", "int", 1800,
            "Seconds a template build may take before it is stopped (0: no limit); a line every 30 s while it runs."),
+    Option("check", None, "PGSHARD_CHECK", "pgshard_check", "lines", (),
+           "Checks of the migrations, run once per template build, one per line: heads (one Alembic head per "
+           "branch), models:pkg.models:Base (the models match the migrated schema), downgrade (each revision's "
+           "downgrade and upgrade leave its schema as it was)."),
+    Option("check_mode", None, "PGSHARD_CHECK_MODE", "pgshard_check_mode", "str", "fail",
+           "What a failed pgshard_check does: fail (one message, the run stops) or warn (the tests run)."),
     Option("linger", None, "PGSHARD_LINGER", "pgshard_linger", "int", None,
            f"Seconds the embedded server stays up after the last run (default {LINGER_LOCAL}, 0 when CI is set)."),
 )
@@ -151,6 +157,8 @@ class Settings:
     stale_ttl_hours: int = 24
     commit_pool: int = 2
     build_timeout: int = 1800
+    check: tuple[str, ...] = ()
+    check_mode: str = "fail"
     linger: int = 0
     rootdir: Path = field(default_factory=Path.cwd)
     explicit: frozenset[str] = frozenset()  # options the user set somewhere (not defaults)
@@ -245,6 +253,13 @@ def resolve(
             raise SettingsError(f"pgshard_redirect names the app's own databases (a name or a glob such as "
                                 f"test_db_*), not {name!r}: it matches a maintenance database or one of pgshard's "
                                 f"own ({values['prefix']}_...)")
+    for line in values.get("check", ()):
+        kind, _, target = line.partition(":")
+        if line not in ("heads", "downgrade") and not (kind == "models" and ":" in target.strip()):
+            raise SettingsError(f"pgshard_check line {line!r} must be one of: heads, models:pkg.models:Base, "
+                                "downgrade")
+    if values.get("check_mode") not in ("fail", "warn"):
+        raise SettingsError(f"pgshard_check_mode must be fail or warn, got {values.get('check_mode')!r}")
     for line in values.get("env", ()):
         if "=" not in line or not line.split("=", 1)[0].strip():
             raise SettingsError(f"pgshard_env lines look like NAME=template, got {line!r}")

@@ -88,7 +88,7 @@ def _module_file(name: str, roots: Sequence[Path]) -> Path | None:
     return None
 
 
-def _alembic_ini(args: Sequence[str], cwd: Path) -> Path | None:
+def alembic_ini(args: Sequence[str], cwd: Path) -> Path | None:
     """The ini an ``alembic ...`` / ``python -m alembic ...`` command reads (``-c``/``--config``), if any."""
     names = [Path(arg).name for arg in args]
     if "alembic" in names[:1]:
@@ -121,7 +121,7 @@ class CommandMigrator:
         tree (env.py included), files named in it, and ``-m`` modules of the project."""
         args = shlex.split(self.command)
         parts: list[bytes | str] = []
-        ini = _alembic_ini(args, self.cwd)
+        ini = alembic_ini(args, self.cwd)
         if ini is not None:
             parts.append(AlembicMigrator(self.spec, ini).fingerprint())
         roots = [self.cwd, *(Path(p) for p in project_path())]

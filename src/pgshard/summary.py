@@ -35,6 +35,21 @@ def shown_url(url: str) -> str:
     return mask_url(url)
 
 
+def checked(template: dict[str, Any], *, when_built: bool) -> str:
+    """Which pgshard_check lines ran on this template, how they went, and when (a reused one: at its build)."""
+    from datetime import datetime
+
+    checks = [str(c).split(":", 1)[0] for c in template.get("checks") or []]
+    if not checks:
+        return ""
+    failed = len({f.split("'")[1] for f in template.get("findings") or [] if f.startswith("pgshard_check '")})
+    verdict = f"{failed} failed (pgshard_check_mode = warn)" if failed else "passed"
+    if when_built:
+        at = datetime.fromtimestamp(float(template.get("checked_at") or 0)).strftime("%Y-%m-%d %H:%M")
+        return f", checks {', '.join(checks)} {verdict} at its build ({at})"
+    return f", checks {', '.join(checks)} {verdict} in {float(template.get('check_seconds') or 0):.2f} s"
+
+
 def summary_lines(server: ServerInfo | None, stats: list[dict[str, Any]], stale: list[str],
                   server_seconds: float | None, commit_tests: int = 0, notes: list[str] | None = None, *,
                   server_waited: float | None = None, verbose: bool = False) -> list[str]:
@@ -50,9 +65,10 @@ def summary_lines(server: ServerInfo | None, stats: list[dict[str, Any]], stale:
         built = [t for t in templates if t["built"]]
         name = templates[0]["name"]
         if built:
-            lines.append(f"template {name}: built in {built[0]['build_seconds']:.2f} s (cache miss)")
+            lines.append(f"template {name}: built in {built[0]['build_seconds']:.2f} s (cache miss)"
+                         + checked(built[0], when_built=False))
         else:
-            lines.append(f"template {name}: reused (cache hit)")
+            lines.append(f"template {name}: reused (cache hit)" + checked(templates[0], when_built=True))
     clones = [f"{s['worker']} {s['clone_ms']:.0f} ms" for s in sorted(stats, key=lambda s: str(s["worker"]))
               if "clone_ms" in s]
     if clones:
@@ -65,6 +81,8 @@ def summary_lines(server: ServerInfo | None, stats: list[dict[str, Any]], stale:
         lines.append(f"db_commit clones: {commits}, median wait {wait}")
     if lines and not verbose:
         lines = ["; ".join(lines)]
+    if templates:  # pgshard_check_mode = warn: what the failed checks found, on every run until fixed
+        lines += (built or templates)[0].get("findings") or []
     stale = [*stale, *(name for s in stats for name in s.get("stale_dropped", []) if name not in stale)]
     if stale:
         lines.append(f"dropped {len(stale)} database(s) left by dead runs: {', '.join(stale)}")

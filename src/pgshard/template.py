@@ -11,11 +11,12 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import overload
+from typing import Any, overload
 
 from sqlalchemy.engine import make_url
 
@@ -26,6 +27,8 @@ from pgshard.lockfile import CoordinatorLock, LockError
 from pgshard.migrate import MigrationError, Migrator, Watch, sha, watching
 from pgshard.server.base import ServerError, ServerInfo
 from pgshard.settings import SettingsError, database_url, env_assignments, placeholders
+from pgshard.verify import LABEL as CHECK_LABEL
+from pgshard.verify import CheckRun, alembic_targets, cached_error, findings_of, post_build, read_report
 from pgshard.version import __version__
 
 
@@ -36,6 +39,10 @@ class TemplateResult:
     built: bool  # False: cache hit
     build_seconds: float
     wait_seconds: float
+    checks: tuple[str, ...] = ()  # the pgshard_check lines its build ran (verify.py), when, how long
+    checked_at: float = 0.0
+    check_seconds: float = 0.0
+    findings: tuple[str, ...] = ()  # what they found, when pgshard_check_mode = warn sealed it anyway
 
 
 def server_lock_key(url: str) -> str:
@@ -73,6 +80,8 @@ class Template:
         inputs: Sequence[str] = (),
         project: str = "",
         watch: Watch | None = None,
+        checks: Sequence[str] = (),
+        check_mode: str = "fail",
     ) -> None:
         self.admin = admin
         self.server = server
@@ -86,6 +95,8 @@ class Template:
         self.inputs = tuple(inputs)  # more fingerprint parts: hashes of files the steps read (pgshard_fingerprint)
         self.project = project
         self.watch = watch or Watch()
+        self.checks = tuple(checks)  # pgshard_check: run by the build, their verdict kept in the marker
+        self.check_mode = check_mode
         self._fingerprint: str | None = None
 
     def fingerprint(self) -> str:
@@ -116,20 +127,31 @@ class Template:
                               "set pgshard_cache_dir (PGSHARD_CACHE_DIR) to a writable directory of your own") from None
         return self.lock_dir / f"{server_lock_key(self.server.url)}-{self.admin.prefix}-{self.project or 'any'}.lock"
 
-    def _usable(self) -> bool:
+    def _usable(self) -> Marker | None:
+        """The marker of the sealed template of this fingerprint, when there is one to clone."""
         found = self.admin.info(self.name)
         if found is None or found.marker is None or found.marker.kind != "template":
-            return False
+            return None
         if found.allow_connections or not found.is_template:
-            return False
+            return None
         # --pg-rebuild: rebuilt once per run, then reused by this run's other workers
         if self.rebuild and found.marker.run != self.run_id:
-            return False
+            return None
         if self.admin.files_missing(self.name):
             raise ServerError(f"template {self.name} is damaged (its files are gone from the data directory): "
                               "rebuild it with --pg-rebuild, or on the embedded server remove its whole cache "
                               "with `pgshard clean --server`")
-        return True
+        return found.marker
+
+    def _result(self, marker: Marker | None, built: float | None, waited: float) -> TemplateResult:
+        """What ensure() returns for the sealed template with this ``marker``; its checks' findings stop the
+        run here when pgshard_check_mode is fail (a template sealed under warn, then the mode changed)."""
+        marker = marker or self._usable()
+        assert marker is not None
+        if marker.findings and self.check_mode == "fail":
+            raise cached_error(marker.findings)
+        return TemplateResult(self.name, self.fingerprint(), built is not None, built or 0.0, waited,
+                              marker.checks, marker.checked_at, marker.check_seconds, marker.findings)
 
     @overload
     def ensure(self) -> TemplateResult: ...
@@ -141,8 +163,9 @@ class Template:
         None instead."""
         name = self.name
         started = time.perf_counter()
-        if self._usable():  # the warm path: a sealed template needs neither lock (a build re-checks under both)
-            return TemplateResult(name, self.fingerprint(), False, 0.0, time.perf_counter() - started)
+        marker = self._usable()
+        if marker is not None:  # the warm path: a sealed template needs neither lock (a build re-checks under both)
+            return self._result(marker, None, time.perf_counter() - started)
         if not build:
             return None
         # a waiter past a few seconds says who builds
@@ -158,8 +181,9 @@ class Template:
         try:
             with self.admin.advisory_lock(name):
                 waited = time.perf_counter() - started
-                if self._usable():
-                    return TemplateResult(name, self.fingerprint(), False, 0.0, waited)
+                marker = self._usable()
+                if marker is not None:
+                    return self._result(marker, None, waited)
                 earlier = self._earlier_failure()
                 if earlier is not None:
                     raise earlier
@@ -168,14 +192,15 @@ class Template:
                     self._build(name)
                 except MigrationError as exc:
                     self._failure_file().write_text(json.dumps({"run": self.run_id, "template": name,
-                                                                "spec": exc.spec, "reason": exc.reason}))
+                                                                "spec": exc.spec, "reason": exc.reason,
+                                                                "label": exc.label, "output": exc.output}))
                     raise
                 self._failure_file().unlink(missing_ok=True)
                 built = time.perf_counter() - build_started
         finally:
             lock.release()
         self.collect_garbage()
-        return TemplateResult(name, self.fingerprint(), True, built, waited)
+        return self._result(None, built, waited)
 
     def _failure_file(self) -> Path:
         """One per project and server, not per fingerprint: the build that succeeds after a fix (a new
@@ -191,7 +216,8 @@ class Template:
             return None
         if not isinstance(data, dict) or data.get("run") != self.run_id or data.get("template") != self.name:
             return None
-        error = MigrationError(str(data.get("spec")), str(data.get("reason")))
+        error = MigrationError(str(data.get("spec")), str(data.get("reason")), output=list(data.get("output") or []),
+                               label=str(data.get("label") or "pgshard_migrate step"))
         error.elsewhere = True
         return error
 
@@ -202,27 +228,34 @@ class Template:
         self.admin.create(build, Marker("build", self.run_id, fingerprint=self.fingerprint()), template="template0")
         url = database_url(self.server.url, build)
         started = time.monotonic()
+        checks = _Checks(self, build)
         try:
             # in-process steps that use the app's own (redirected or followed) engines build the template too
             # the build child redirects pgshard_redirect's names to the build database too (redirect.CHILD_NAMES)
             with redirect.retarget(url), watching(self.watch):
-                apply_steps(self.migrators, url,
-                            {**env_assignments(self.env_lines, placeholders(url, scheme=self.url_scheme)),
-                             **redirect.child_environment()})
+                apply_steps([*checks.before_steps(), *self.migrators], url, self.step_env(url))
+            took = time.monotonic() - started
+            if self.watch.progress is not None and took >= self.watch.first:  # it said it was running: now it ended
+                self.watch.progress(f"pgshard: template {name} built in {took:.1f} s")
+            checks.after_steps()
         except BaseException:
+            checks.discard()
             self.admin.drop(build, force=True)
             raise
-        took = time.monotonic() - started
-        if self.watch.progress is not None and took >= self.watch.first:  # it said it was running: now it ended
-            self.watch.progress(f"pgshard: template {name} built in {took:.1f} s")
         self.admin.terminate(build)  # engines the migrations left open would block every clone
         with self.admin.advisory_lock(swap_lock(name)):  # --pg-rebuild: live runs wait a moment, never fail
             if self.admin.exists(name):
                 self.admin.drop(name, force=True)
             self.admin.rename(build, name)
             self.admin.mark(name, Marker("template", self.run_id, fingerprint=self.fingerprint(),
-                                         project=self.project))
+                                         project=self.project, **checks.verdict()))
             self.admin.seal(name)
+
+    def step_env(self, url: str) -> dict[str, str]:
+        """What a build step's process gets, pointed at the database at ``url`` (pgshard_env, the names to
+        redirect)."""
+        return {**env_assignments(self.env_lines, placeholders(url, scheme=self.url_scheme)),
+                **redirect.child_environment()}
 
     def collect_garbage(self) -> list[str]:
         """Drop this project's templates of older fingerprints beyond the newest ``keep`` (other projects'
@@ -244,3 +277,68 @@ class Template:
                 with contextlib.suppress(Exception):
                     self.admin.seal(old.name)
         return dropped
+
+
+class _Checks:
+    """One build's pgshard_check (verify.py): ``heads`` before the steps (two heads fail the build itself),
+    the others after them, on a scratch clone of the build when ``downgrade`` is among them. Their verdict
+    goes into the template's marker, so a warm run shows it and pays nothing."""
+
+    def __init__(self, template: Template, build: str) -> None:
+        self.template = template
+        self.build = build
+        self.targets = alembic_targets(template.migrators) if template.checks else []
+        self.checks = template.checks if self.targets else ()  # (what cannot apply is the run's note)
+        self.report: Path | None = None
+        self.seconds = 0.0
+        if self.checks:
+            import tempfile
+
+            fd, name = tempfile.mkstemp(prefix="pgshard-check-", suffix=".jsonl")
+            os.close(fd)
+            self.report = Path(name)
+
+    def _run(self, checks: Sequence[str], scratch: bool = False) -> CheckRun:
+        assert self.report is not None
+        return CheckRun(CHECK_LABEL, tuple(checks), self.targets, str(self.report),
+                               fail=self.template.check_mode == "fail", scratch=scratch)
+
+    def before_steps(self) -> list[Migrator]:
+        return [self._run(["heads"])] if "heads" in self.checks else []
+
+    def after_steps(self) -> None:
+        after = post_build(self.checks)
+        if not after:
+            return
+        admin = self.template.admin
+        started = time.perf_counter()
+        scratch = f"{self.build}_check" if "downgrade" in after else None
+        if scratch is not None:  # a clone to downgrade: the build itself is never migrated down
+            admin.terminate(self.build)
+            if admin.exists(scratch):
+                admin.drop(scratch, force=True)
+            admin.create(scratch, Marker("build", self.template.run_id, fingerprint=self.template.fingerprint()),
+                         template=self.build)
+        url = database_url(self.template.server.url, scratch or self.build)
+        try:
+            with watching(self.template.watch):
+                apply_steps([self._run(after, scratch=scratch is not None)], url, self.template.step_env(url))
+        finally:
+            if scratch is not None:
+                admin.drop(scratch, force=True)
+            self.seconds = time.perf_counter() - started
+
+    def verdict(self) -> dict[str, Any]:
+        """The marker's fields: which checks ran, when, how long, and what failed ones found."""
+        if self.report is None:
+            return {}
+        entries = read_report(self.report)
+        self.discard()
+        seconds = self.seconds + sum(float(e.get("seconds", 0)) for e in entries if e.get("check") == "heads")
+        return {"checks": tuple(str(e["check"]) for e in entries), "checked_at": time.time(),
+                "check_seconds": round(seconds, 3),
+                "findings": findings_of(entries)}
+
+    def discard(self) -> None:
+        if self.report is not None:
+            self.report.unlink(missing_ok=True)
