@@ -188,3 +188,22 @@ def test_heads_of_labelled_branches_are_not_a_fault_but_two_of_one_branch_are(tm
     revision("a3", "a1")  # a fork inside the app branch
     [line] = heads(target)
     assert line.startswith("2 Alembic heads of branch app in ") and "a2, a3" in line
+
+
+def test_each_kind_of_autogenerate_difference_is_one_line_in_the_models_terms() -> None:
+    import sqlalchemy as sa
+
+    from pgshard.verify import describe_diff
+
+    metadata = sa.MetaData()
+    table = sa.Table("users", metadata, sa.Column("id", sa.Integer, primary_key=True),
+                     sa.Column("email", sa.String(80)), sa.Index("ix_users_email", "email"))
+    assert describe_diff(("remove_table", table)) == "table users: in the migrated schema, not in the models"
+    assert describe_diff(("add_column", None, "users", table.c.email)) == \
+        "column users.email (VARCHAR(80)): in the models, not in the migrated schema"
+    assert describe_diff(("add_index", next(iter(table.indexes)))) == \
+        "index ix_users_email on users (email): in the models, not in the migrated schema"
+    assert describe_diff(("modify_type", "app", "users", "email", {}, sa.String(40), sa.String(80))) == \
+        "column app.users.email: type is VARCHAR(80) in the models, VARCHAR(40) in the migrated schema"
+    assert describe_diff(("modify_nullable", None, "users", "email", {}, True, False)) == \
+        "column users.email: nullable is False in the models, True in the migrated schema"
