@@ -4,7 +4,9 @@ pgshard_check (and pytest-alembic, beside it) is measured and tested on.
 Revision k creates table ``t{k}`` (an id, a name with an index, a foreign key to the table before) and its
 downgrade drops them. Faults are asked for by name: ``two_heads`` (the last revision forks),
 ``model_column`` (the models have a column no revision adds), ``downgrade_leaves`` (revision 3's downgrade
-forgets its table), ``downgrade_drops_more`` (revision 4's downgrade drops an index of revision 3 too).
+forgets its table), ``downgrade_drops_more`` (revision 4's downgrade drops an index of revision 3 too),
+``downgrade_forgets_change`` (revision 4 makes t3.name nullable; its downgrade leaves it so, which its own
+upgrade then repairs: only the way up shows it).
 env.py connects to DATABASE_URL when it is set (pgshard_env), else to sqlalchemy.url; it appends a line to
 ``env-runs.txt`` each time it runs, so a test can tell that a warm run ran none.
 """
@@ -33,7 +35,7 @@ def upgrade():
         sa.Column("name", sa.String(50), nullable=False),
         {fk}
     )
-    op.create_index("ix_t{k}_name", "t{k}", ["name"])
+    op.create_index("ix_t{k}_name", "t{k}", ["name"]){extra_up}
 
 
 def downgrade():
@@ -123,8 +125,11 @@ def write(root: Path, revisions: int, *, faults: Collection[str] = (), async_env
             drop = f'op.drop_index("ix_t{k}_name", table_name="t{k}")  # forgets the table'
         if "downgrade_drops_more" in faults and k == 4:
             drop += '\n    op.drop_index("ix_t3_name", table_name="t3")  # not its own: the upgrade does not make it'
+        extra_up = ""
+        if "downgrade_forgets_change" in faults and k == 4:  # the downgrade does not make t3.name NOT NULL again
+            extra_up = '\n    op.alter_column("t3", "name", existing_type=sa.String(50), nullable=True)'
         (versions / f"{rev_id(k)}_t{k}.py").write_text(
-            REVISION.format(k=k, rev=rev_id(k), down=down, fk=fk, downgrade=drop))
+            REVISION.format(k=k, rev=rev_id(k), down=down, fk=fk, downgrade=drop, extra_up=extra_up))
     models = ["import sqlalchemy as sa", "from sqlalchemy.orm import DeclarativeBase", "", "",
               "class Base(DeclarativeBase):", "    pass", ""]
     for k in range(1, revisions + 1):
@@ -144,7 +149,8 @@ def main() -> None:
     parser.add_argument("root", type=Path)
     parser.add_argument("--revisions", type=int, default=10)
     parser.add_argument("--fault", action="append", default=[],
-                        choices=["two_heads", "model_column", "downgrade_leaves", "downgrade_drops_more"])
+                        choices=["two_heads", "model_column", "downgrade_leaves", "downgrade_drops_more",
+                                 "downgrade_forgets_change"])
     parser.add_argument("--async-env", action="store_true")
     args = parser.parse_args()
     write(args.root, args.revisions, faults=args.fault, async_env=args.async_env)

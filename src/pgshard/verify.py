@@ -337,14 +337,13 @@ def schema_difference(before: frozenset[str], after: frozenset[str], limit: int 
     return lines[:limit] + ([f"... and {len(lines) - limit} more"] if len(lines) > limit else [])
 
 
-class _Found(Exception):
-    """A revision whose downgrade and upgrade disagree: the rest of the run is of no interest."""
-
-
 def downgrade(target: AlembicTarget, url: str) -> list[str]:
-    """Each revision, from the heads down to base, downgraded, upgraded and downgraded again, in one run of
-    env.py on the scratch database at ``url``; its schema after the upgrade must be the one before the
-    downgrade. Revisions above it have come back as they were, so a difference is this revision's."""
+    """Two runs of env.py on the scratch database at ``url``. Down: each revision from the heads to base is
+    downgraded, upgraded and downgraded again; its schema after that upgrade must be the one it had before.
+    Up: from base to the heads again, each revision's schema read after its upgrade. A revision's schema on
+    the way down (left by the downgrade of the revision above it) must be the one its upgrade made on the
+    way up: the highest one that is not names the downgrade above it (a downgrade that leaves a schema its
+    own upgrade then repairs is found so, and not blamed on the revision below). Errors name their revision."""
     from alembic import op
     from alembic.runtime.environment import EnvironmentContext
     from alembic.runtime.migration import MigrationStep
@@ -352,29 +351,26 @@ def downgrade(target: AlembicTarget, url: str) -> list[str]:
 
     config, script = _script(target, url)
     scratch = make_url(url).database
-    before: dict[str, frozenset[str]] = {}  # each revision's schema just before its first downgrade
+    down: dict[str, frozenset[str]] = {}  # each revision's schema on the way down, before its downgrade
+    cycled: dict[str, frozenset[str]] = {}  # ... and after its downgrade and upgrade
+    up: dict[str, frozenset[str]] = {}  # ... and on the way up, after its upgrade
     running: list[tuple[str, str]] = []  # the revision whose function runs now, and which
-    findings: list[str] = []
+    passing = ["down"]
 
     def wrap(revision: str, direction: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         def run(*args: Any, **kwargs: Any) -> Any:
             bind = op.get_bind()
-            if direction == "downgrade" and revision not in before:  # the first of its two downgrades
+            if direction == "downgrade" and revision not in down:  # the first of its two downgrades
                 on = bind.exec_driver_sql("SELECT current_database()").scalar()
                 if on != scratch:  # never the wrong database: env.py must follow the URL it is given
                     raise SettingsError(f"env.py connected to database {on!r}, not the scratch clone {scratch!r}: "
                                         "the downgrade check needs env.py to use the URL pgshard gives it "
                                         "(sqlalchemy.url, or the pgshard_env variables)")
-                before[revision] = schema_lines(bind)
+                down[revision] = schema_lines(bind)
             running[:] = [(revision, direction)]
             result = fn(*args, **kwargs)
             if direction == "upgrade":
-                after = schema_lines(bind)
-                if after != before[revision]:
-                    findings.extend([f"revision {_describe(script, revision)}: its downgrade then its upgrade "
-                                     "leave another schema than it had:",
-                                     *("  " + line for line in schema_difference(before[revision], after))])
-                    raise _Found
+                (cycled if passing[0] == "down" else up)[revision] = schema_lines(bind)
             return result
         return run
 
@@ -386,27 +382,64 @@ def downgrade(target: AlembicTarget, url: str) -> list[str]:
 
     def cycles(rev: Any, context: Any) -> list[Any]:
         steps = []
-        for down in script._downgrade_revs("base", rev):
-            steps += [down, MigrationStep.upgrade_from_script(script.revision_map, down.revision),
-                      MigrationStep.downgrade_from_script(script.revision_map, down.revision)]
+        for step in script._downgrade_revs("base", rev):
+            steps += [step, MigrationStep.upgrade_from_script(script.revision_map, step.revision),
+                      MigrationStep.downgrade_from_script(script.revision_map, step.revision)]
         return steps
 
-    try:
+    def run_env(fn: Callable[[Any, Any], list[Any]], destination: str) -> None:
         with chdir(target.ini.parent), logging_kept(), EnvironmentContext(
-                config, script, fn=cycles, as_sql=False, starting_rev=None, destination_rev="base", tag=None):
+                config, script, fn=fn, as_sql=False, starting_rev=None, destination_rev=destination, tag=None):
             script.run_env()
-    except _Found:
-        return findings
+
+    try:
+        run_env(cycles, "base")
+        if not down:
+            return ["no revision was downgraded: the migrated database has no Alembic revision in its version table"]
+        order = list(down)  # the heads first, base last
+        passing[0] = "up"
+        for top in [rev for rev in order if not any(rev in _down(script, other) for other in order)]:
+            run_env(_upgrades(script, top), top)
     except SettingsError:
         raise
     except Exception as exc:
         if not running:
             raise
         revision, which = running[0]
-        after = " after its downgrade" if which == "upgrade" else ""
+        again = which == "downgrade" and revision in cycled  # its second downgrade, after its upgrade
+        after = {"down": " after its downgrade", "up": " after the whole history was downgraded"}[passing[0]] \
+            if which == "upgrade" else " when run again after its upgrade" if again else ""
         reason = " ".join(f"{type(exc).__name__}: {exc}".split()).split(" [SQL: ")[0][:300]
-        hint = "; its downgrade leaves that behind" if which == "upgrade" and "already exists" in reason else ""
+        hint = ""
+        if which == "upgrade" and "already exists" in reason:
+            hint = "; its downgrade leaves that behind" if passing[0] == "down" else "; a downgrade leaves that behind"
+        elif again and "does not exist" in reason:
+            hint = "; its downgrade drops what its upgrade does not make"
+        elif which == "downgrade" and "does not exist" in reason:
+            above = [rev for rev in down if revision in _down(script, rev)]
+            hint = f"; or the downgrade of {', '.join(above)}, run before it, dropped that already" if above else ""
         return [f"revision {_describe(script, revision)}: its {which} fails{after}: {reason}{hint}"]
-    if not before:
-        return ["no revision was downgraded: the migrated database has no Alembic revision in its version table"]
-    return findings
+    for revision in order:  # from the heads down: the first difference is the cause of those below it
+        children = [rev for rev in order if revision in _down(script, rev)]
+        if children and revision in up and down[revision] != up[revision]:
+            return [f"revision {', '.join(_describe(script, c) for c in children)}: its downgrade leaves another "
+                    f"schema than revision {revision}'s upgrade made:",
+                    *("  " + line for line in schema_difference(up[revision], down[revision]))]
+    for revision in reversed(order):
+        if cycled.get(revision, down[revision]) != down[revision]:
+            return [f"revision {_describe(script, revision)}: its downgrade then its upgrade leave another schema "
+                    "than it had:", *("  " + line for line in schema_difference(down[revision], cycled[revision]))]
+    return []
+
+
+def _down(script: Any, revision: str) -> tuple[str, ...]:
+    down = script.get_revision(revision).down_revision
+    if down is None:
+        return ()
+    return tuple(down) if isinstance(down, (tuple, list)) else (down,)
+
+
+def _upgrades(script: Any, destination: str) -> Callable[[Any, Any], list[Any]]:
+    def revs(rev: Any, context: Any) -> list[Any]:
+        return list(script._upgrade_revs(destination, rev))
+    return revs

@@ -97,13 +97,23 @@ def test_a_downgrade_that_leaves_a_table_behind_is_named_by_its_revision(pyteste
     assert _leftovers(admin_conn) == []  # the scratch clone and the failed build dropped
 
 
-def test_a_downgrade_that_drops_more_than_its_revision_made_shows_the_difference(
-        pytester: pytest.Pytester) -> None:
+def test_a_downgrade_that_drops_more_than_its_revision_made_is_named(pytester: pytest.Pytester) -> None:
     _project(pytester, faults=["downgrade_drops_more"], checks="downgrade")
+    line = _stopped_with(_run(pytester))
+    assert "revision 0004 (create t4): its downgrade fails when run again after its upgrade" in line
+    assert 'index "ix_t3_name" does not exist; its downgrade drops what its upgrade does not make' in line
+
+
+def test_a_downgrade_whose_own_upgrade_repairs_it_is_found_on_the_way_up(pytester: pytest.Pytester) -> None:
+    """The shape found in the FastAPI full-stack template: a downgrade that leaves the revision below with
+    another schema than it had, which its own upgrade then overwrites (so its cycle alone looks sound)."""
+    _project(pytester, faults=["downgrade_forgets_change"], checks="downgrade")
     result = _run(pytester)
     line = _stopped_with(result)
-    assert "revision 0004 (create t4): its downgrade then its upgrade leave another schema than it had" in line
-    assert "- index public.ix_t3_name CREATE INDEX ix_t3_name ON public.t3 USING btree (name)" in result.stdout.str()
+    assert "revision 0004 (create t4): its downgrade leaves another schema than revision 0003's upgrade made" in line
+    out = result.stdout.str()
+    assert "+ column public.t3.name character varying(50)\n" in out
+    assert "- column public.t3.name character varying(50) not null" in out
 
 
 def test_a_clean_project_passes_all_three_and_its_warm_run_runs_none_of_them(
@@ -112,11 +122,11 @@ def test_a_clean_project_passes_all_three_and_its_warm_run_runs_none_of_them(
     cold = _run(pytester)
     cold.assert_outcomes(passed=1)
     assert "checks heads, models, downgrade passed in" in cold.stdout.str()
-    assert _env_runs(root) == 2  # the build's upgrade, and one run of env.py for every downgrade cycle
+    assert _env_runs(root) == 3  # the build's upgrade; the check's run down (every cycle) and its run up
     warm = _run(pytester, "-n", "2")
     warm.assert_outcomes(passed=1)
     assert "reused (cache hit), checks heads, models, downgrade passed at its build (" in warm.stdout.str()
-    assert _env_runs(root) == 2  # nothing checked again
+    assert _env_runs(root) == 3  # nothing checked again
     assert _leftovers(admin_conn) == []
 
 
