@@ -2,11 +2,11 @@
 
 ``heads``: every Alembic branch has one head (heads that share their branch labels, or have none, need a
 merge). ``models:pkg.models:Base``: Alembic's autogenerate comparison of that metadata with the migrated
-schema is empty. ``downgrade``: on a scratch clone of the built template, every revision is downgraded down
-to base, then upgraded again; the schema read from the catalog after each revision's upgrade must be the
-one it had before that revision's downgrade. The lowest revision where it differs is the one whose
-downgrade and upgrade disagree (the ones below it came back as they were), so it is named with the
-difference; a downgrade or upgrade that raises is named with its error.
+schema is empty. ``downgrade``: on a scratch clone of the built template, every revision from the heads to
+base is downgraded, upgraded and downgraded again (its schema, read from the catalog, must come back as it
+was), then everything is upgraded again from base, and each revision's schema on the way down must be the
+one its upgrade makes on the way up (see ``downgrade``); a downgrade or upgrade that raises is named with
+its error.
 
 Each check runs in the build child (``CheckRun``, a step of its own), so the app's models and env.py are
 imported afresh, pointed at the database being checked. A run's verdict goes to a JSON-lines report
