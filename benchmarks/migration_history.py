@@ -7,6 +7,8 @@ downgrade drops them. Faults are asked for by name: ``two_heads`` (the last revi
 forgets its table), ``downgrade_drops_more`` (revision 4's downgrade drops an index of revision 3 too),
 ``downgrade_forgets_change`` (revision 4 makes t3.name nullable; its downgrade leaves it so, which its own
 upgrade then repairs: only the way up shows it).
+``legacy_table``: revision 1 also makes a table ``legacy`` that the models do not have (another service's),
+and env.py leaves it out of autogenerate with an ``include_object`` hook, as such projects do.
 env.py connects to DATABASE_URL when it is set (pgshard_env), else to sqlalchemy.url; it appends a line to
 ``env-runs.txt`` each time it runs, so a test can tell that a warm run ran none.
 """
@@ -105,14 +107,25 @@ def rev_id(k: int) -> str:
     return f"{k:04d}"
 
 
+INCLUDE_OBJECT = '''
+
+def include_object(obj, name, type_, reflected, compare_to):
+    return not (type_ == "table" and name == "legacy")
+'''
+
+
 def write(root: Path, revisions: int, *, faults: Collection[str] = (), async_env: bool = False,
-          token: str = "") -> Path:
+          token: str = "", legacy_table: bool = False) -> Path:
     """The project under ``root``: alembic.ini, alembic/ (env.py, versions/), app/models.py. Returns root.
     ``token``: a comment in env.py, so that the project's template fingerprint is its own."""
     versions = root / "alembic" / "versions"
     versions.mkdir(parents=True, exist_ok=True)
     (root / "alembic.ini").write_text("[alembic]\nscript_location = %(here)s/alembic\n")
-    (root / "alembic" / "env.py").write_text((ENV_ASYNC if async_env else ENV_SYNC) + f"# {token}\n")
+    env = ENV_ASYNC if async_env else ENV_SYNC
+    if legacy_table:
+        env = env.replace("config = context.config\n", "config = context.config\n" + INCLUDE_OBJECT).replace(
+            "target_metadata=Base.metadata)", "target_metadata=Base.metadata, include_object=include_object)")
+    (root / "alembic" / "env.py").write_text(env + f"# {token}\n")
     (root / "app").mkdir(exist_ok=True)
     (root / "app" / "__init__.py").write_text("")
     for k in range(1, revisions + 1):
@@ -121,11 +134,15 @@ def write(root: Path, revisions: int, *, faults: Collection[str] = (), async_env
             down = rev_id(k - 2)  # forks from the revision before the last: two heads
         fk = f'sa.Column("t{k - 1}_id", sa.Integer, sa.ForeignKey("t{k - 1}.id")),' if k > 1 else ""
         drop = f'op.drop_index("ix_t{k}_name", table_name="t{k}")\n    op.drop_table("t{k}")'
+        if legacy_table and k == 1:
+            drop += '\n    op.drop_table("legacy")'
         if "downgrade_leaves" in faults and k == 3:
             drop = f'op.drop_index("ix_t{k}_name", table_name="t{k}")  # forgets the table'
         if "downgrade_drops_more" in faults and k == 4:
             drop += '\n    op.drop_index("ix_t3_name", table_name="t3")  # not its own: the upgrade does not make it'
         extra_up = ""
+        if legacy_table and k == 1:
+            extra_up = '\n    op.create_table("legacy", sa.Column("id", sa.Integer, primary_key=True))'
         if "downgrade_forgets_change" in faults and k == 4:  # the downgrade does not make t3.name NOT NULL again
             extra_up = '\n    op.alter_column("t3", "name", existing_type=sa.String(50), nullable=True)'
         (versions / f"{rev_id(k)}_t{k}.py").write_text(

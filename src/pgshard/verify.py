@@ -2,11 +2,11 @@
 
 ``heads``: every Alembic branch has one head (heads that share their branch labels, or have none, need a
 merge). ``models:pkg.models:Base``: Alembic's autogenerate comparison of that metadata with the migrated
-schema is empty. ``downgrade``: on a scratch clone of the built template, every revision from the heads to
-base is downgraded, upgraded and downgraded again (its schema, read from the catalog, must come back as it
-was), then everything is upgraded again from base, and each revision's schema on the way down must be the
-one its upgrade makes on the way up (see ``downgrade``); a downgrade or upgrade that raises is named with
-its error.
+schema is empty, made in the context the project's env.py configures (see ``models``). ``downgrade``: on a
+scratch clone of the built template, every revision from the heads to base is downgraded, upgraded and
+downgraded again (its schema, read from the catalog, must come back as it was), then everything is upgraded
+again from base, and each revision's schema on the way down must be the one its upgrade makes on the way up
+(see ``downgrade``); a downgrade or upgrade that raises is named with its error.
 
 Each check runs in the build child (``CheckRun``, a step of its own), so the app's models and env.py are
 imported afresh, pointed at the database being checked. A run's verdict goes to a JSON-lines report
@@ -131,7 +131,7 @@ class CheckRun:
         if kind == "heads":
             return [line for target in self.targets for line in heads(target)]
         if kind == "models":
-            return models(arg, url)
+            return models(arg, url, self.targets)
         if not self.scratch:
             raise AssertionError("the downgrade check runs on a scratch clone only")
         return [line for target in self.targets for line in downgrade(target, url)]
@@ -208,15 +208,52 @@ def heads(target: AlembicTarget) -> list[str]:
     return lines
 
 
-def models(target: str, url: str) -> list[str]:
-    """Alembic's autogenerate comparison of the metadata at ``target`` with the database at ``url``."""
+def models(target: str, url: str, alembic: Sequence[AlembicTarget] = ()) -> list[str]:
+    """Alembic's autogenerate comparison of the metadata at ``target`` with the database at ``url``, made as
+    ``alembic revision --autogenerate`` would make it: in the context the project's env.py configures (its
+    include_object, include_name, include_schemas, compare_type ...), when one Alembic project's env.py has
+    that metadata as its target_metadata (or there is one project only); else with Alembic's defaults and
+    the models' own schemas."""
+    metadata = MetadataMigrator(f"models:{target}", target, option=LABEL)._metadata()
+    diffs = _compared_by_env(metadata, url, alembic)
+    if diffs is None:
+        diffs = _compared_alone(metadata, url)
+    lines = [describe_diff(diff) for diff in _flatten(diffs)]
+    if not lines:
+        return []
+    more = f" (and {len(lines) - 1} more, below)" if len(lines) > 1 else ""
+    return [f"the models ({target}) differ from the migrated schema: {lines[0]}{more}; no revision makes this "
+            "change (alembic revision --autogenerate writes one)", *lines[1:]]
+
+
+def _compared_by_env(metadata: Any, url: str, alembic: Sequence[AlembicTarget]) -> list[Any] | None:
+    """The differences, compared in the context each project's env.py configures, from the first whose
+    target_metadata is ``metadata``; None when none is (of several projects) or env.py never configured one."""
+    from alembic.autogenerate import compare_metadata
+
+    found: list[list[Any]] = []
+    for target in alembic:
+        def compare(rev: Any, context: Any) -> list[Any]:
+            targets = context.opts.get("target_metadata")
+            ours = targets is metadata or (isinstance(targets, (list, tuple)) and metadata in targets)
+            if ours or len(alembic) == 1:
+                _on_given_database(context.bind, url, "the models check")
+                found.append(list(compare_metadata(context, metadata)))
+            return []  # nothing to migrate: only the comparison
+        config, script = _script(target, url)
+        _run_env(target, config, script, compare, target.revision)
+        if found:
+            return found[0]
+    return None
+
+
+def _compared_alone(metadata: Any, url: str) -> list[Any]:
     from alembic.autogenerate import compare_metadata
     from alembic.migration import MigrationContext
     from sqlalchemy.pool import NullPool
 
     from pgshard.server.base import own_engine
 
-    metadata = MetadataMigrator(f"models:{target}", target, option=LABEL)._metadata()
     schemas = {table.schema for table in metadata.tables.values()}
 
     def include_name(name: str | None, type_: str, parent: Any) -> bool:
@@ -228,15 +265,30 @@ def models(target: str, url: str) -> list[str]:
             context = MigrationContext.configure(conn, opts={
                 "compare_type": True, "target_metadata": metadata,
                 "include_schemas": schemas != {None}, "include_name": include_name})
-            diffs = compare_metadata(context, metadata)
+            return list(compare_metadata(context, metadata))
     finally:
         engine.dispose()
-    lines = [describe_diff(diff) for diff in _flatten(diffs)]
-    if not lines:
-        return []
-    more = f" (and {len(lines) - 1} more, below)" if len(lines) > 1 else ""
-    return [f"the models ({target}) differ from the migrated schema: {lines[0]}{more}; no revision makes this "
-            "change (alembic revision --autogenerate writes one)", *lines[1:]]
+
+
+def _on_given_database(bind: Any, url: str, check: str) -> None:
+    """Never the wrong database: env.py must connect to the URL pgshard gives it."""
+    from sqlalchemy.engine import make_url
+
+    expected = make_url(url).database
+    on = bind.exec_driver_sql("SELECT current_database()").scalar()
+    if on != expected:
+        raise SettingsError(f"env.py connected to database {on!r}, not {expected!r}: {check} needs env.py to use "
+                            "the URL pgshard gives it (sqlalchemy.url, or the pgshard_env variables)")
+
+
+def _run_env(target: AlembicTarget, config: Any, script: Any, fn: Callable[[Any, Any], list[Any]],
+             destination: str) -> None:
+    """The project's env.py, run online with ``fn`` choosing the steps."""
+    from alembic.runtime.environment import EnvironmentContext
+
+    with chdir(target.ini.parent), logging_kept(), EnvironmentContext(
+            config, script, fn=fn, as_sql=False, starting_rev=None, destination_rev=destination, tag=None):
+        script.run_env()
 
 
 def _flatten(diffs: Sequence[Any]) -> Iterator[Any]:
@@ -345,12 +397,9 @@ def downgrade(target: AlembicTarget, url: str) -> list[str]:
     way up: the highest one that is not names the downgrade above it (a downgrade that leaves a schema its
     own upgrade then repairs is found so, and not blamed on the revision below). Errors name their revision."""
     from alembic import op
-    from alembic.runtime.environment import EnvironmentContext
     from alembic.runtime.migration import MigrationStep
-    from sqlalchemy.engine import make_url
 
     config, script = _script(target, url)
-    scratch = make_url(url).database
     down: dict[str, frozenset[str]] = {}  # each revision's schema on the way down, before its downgrade
     cycled: dict[str, frozenset[str]] = {}  # ... and after its downgrade and upgrade
     up: dict[str, frozenset[str]] = {}  # ... and on the way up, after its upgrade
@@ -361,11 +410,7 @@ def downgrade(target: AlembicTarget, url: str) -> list[str]:
         def run(*args: Any, **kwargs: Any) -> Any:
             bind = op.get_bind()
             if direction == "downgrade" and revision not in down:  # the first of its two downgrades
-                on = bind.exec_driver_sql("SELECT current_database()").scalar()
-                if on != scratch:  # never the wrong database: env.py must follow the URL it is given
-                    raise SettingsError(f"env.py connected to database {on!r}, not the scratch clone {scratch!r}: "
-                                        "the downgrade check needs env.py to use the URL pgshard gives it "
-                                        "(sqlalchemy.url, or the pgshard_env variables)")
+                _on_given_database(bind, url, "the downgrade check")
                 down[revision] = schema_lines(bind)
             running[:] = [(revision, direction)]
             result = fn(*args, **kwargs)
@@ -388,9 +433,7 @@ def downgrade(target: AlembicTarget, url: str) -> list[str]:
         return steps
 
     def run_env(fn: Callable[[Any, Any], list[Any]], destination: str) -> None:
-        with chdir(target.ini.parent), logging_kept(), EnvironmentContext(
-                config, script, fn=fn, as_sql=False, starting_rev=None, destination_rev=destination, tag=None):
-            script.run_env()
+        _run_env(target, config, script, fn, destination)
 
     try:
         run_env(cycles, "base")

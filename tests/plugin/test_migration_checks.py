@@ -25,8 +25,10 @@ TEST = "def test_t5_is_there(db_session):\n    from sqlalchemy import text\n" \
 
 
 def _project(pytester: pytest.Pytester, *, faults: Collection[str] = (), checks: str = ALL_CHECKS,
-             step: str = "alembic:alembic.ini", extra: str = "", async_env: bool = False) -> Path:
-    migration_history.write(pytester.path, 5, faults=faults, async_env=async_env, token=uuid.uuid4().hex)
+             step: str = "alembic:alembic.ini", extra: str = "", async_env: bool = False,
+             legacy_table: bool = False) -> Path:
+    migration_history.write(pytester.path, 5, faults=faults, async_env=async_env, token=uuid.uuid4().hex,
+                            legacy_table=legacy_table)
     pytester.makeini(textwrap.dedent("""
         [pytest]
         pgshard_migrate = {step}
@@ -122,12 +124,26 @@ def test_a_clean_project_passes_all_three_and_its_warm_run_runs_none_of_them(
     cold = _run(pytester)
     cold.assert_outcomes(passed=1)
     assert "checks heads, models, downgrade passed in" in cold.stdout.str()
-    assert _env_runs(root) == 3  # the build's upgrade; the check's run down (every cycle) and its run up
+    assert _env_runs(root) == 4  # the build's upgrade; the models compared; the run down (every cycle), the run up
     warm = _run(pytester, "-n", "2")
     warm.assert_outcomes(passed=1)
     assert "reused (cache hit), checks heads, models, downgrade passed at its build (" in warm.stdout.str()
-    assert _env_runs(root) == 3  # nothing checked again
+    assert _env_runs(root) == 4  # nothing checked again
     assert _leftovers(admin_conn) == []
+
+
+def test_the_models_are_compared_as_the_projects_env_py_configures_autogenerate(pytester: pytest.Pytester) -> None:
+    """env.py's include_object leaves another service's table out of autogenerate: the models check leaves
+    it out too (as `alembic revision --autogenerate` would); without that hook the table is named."""
+    root = _project(pytester, checks="models:app.models:Base", legacy_table=True)
+    passed = _run(pytester)
+    passed.assert_outcomes(passed=1)
+    assert "checks models passed in" in passed.stdout.str()
+    env = root / "alembic" / "env.py"
+    env.write_text(env.read_text().replace(", include_object=include_object)", ")"))
+    line = _stopped_with(_run(pytester))
+    assert "the models (app.models:Base) differ from the migrated schema: table legacy: in the migrated schema, " \
+           "not in the models;" in line
 
 
 def test_warn_mode_runs_the_tests_and_says_what_failed_until_fixed(pytester: pytest.Pytester) -> None:
