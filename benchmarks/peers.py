@@ -1,7 +1,9 @@
 """The peers users pick today, installed where they cannot disturb anything else: a venv of their own.
 
-``<work>/peers-venv`` is created on first use with the interpreter the harness runs on; a ``.pth`` file adds
-the harness's own site-packages behind it, so the peers run on the very same pytest, SQLAlchemy and psycopg
+``<work>/peers-venv-<key>`` is created on first use with the interpreter the harness runs on, one per harness
+environment (the key is a digest of its ``sys.prefix``: a floors venv and a newest one, run from one checkout,
+even at once, never share a peers venv pointing at the other's packages); a ``.pth`` file adds the harness's
+own site-packages behind it, so the peers run on the very same pytest, SQLAlchemy and psycopg
 as pgshard does (a fair comparison) while their plugins load only in their own runs. Each peer is first
 checked with ``pip download --no-deps`` (does it exist for this Python at all?), then installed; one that
 cannot be installed is dropped with the reason, never silently.
@@ -14,6 +16,7 @@ py-pglite also needs node and npm (its server is PGlite under node): checked her
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import shutil
 import site
@@ -112,14 +115,16 @@ def _harness_pins(work_dir: Path) -> Path:
     for dist in SHARED:
         with contextlib.suppress(metadata.PackageNotFoundError):
             pins.append(f"{dist}=={metadata.version(dist)}")
-    path = work_dir / "peer-constraints.txt"
+    path = work_dir / "peer-constraints.txt"  # work_dir: this harness's own peers venv
     path.write_text("\n".join(pins) + "\n")
     return path
 
 
 def ensure(work_dir: Path, wanted: list[str]) -> Peers:
     """The peers venv with every wanted peer that installs here (newest releases); reasons for the rest."""
-    python = _venv(work_dir / "peers-venv")
+    key = hashlib.sha256(str(Path(sys.prefix).resolve()).encode()).hexdigest()[:8]
+    venv = work_dir / f"peers-venv-{key}"
+    python = _venv(venv)
     peers = Peers(python)
     have = _installed(python, wanted)
     with_deps = {"py-pglite": "py-pglite[sqlalchemy]"}  # psutil comes with it; greenlet is already ours
@@ -130,7 +135,7 @@ def ensure(work_dir: Path, wanted: list[str]) -> Peers:
         if probe.returncode != 0:
             peers.dropped[dist] = f"pip download --no-deps {dist} failed: {_last_line(probe.stderr)}"
             continue
-        done = _pip(python, "install", "-c", str(_harness_pins(work_dir)), with_deps.get(dist, dist))
+        done = _pip(python, "install", "-c", str(_harness_pins(venv)), with_deps.get(dist, dist))
         if done.returncode != 0:
             peers.dropped[dist] = f"pip install {dist} failed: {_last_line(done.stderr)}"
     peers.versions = _installed(python, wanted)
