@@ -90,6 +90,51 @@ def test_alembic_ini_and_a_prestart_script(tmp_path: Path) -> None:
         "scripts/prestart.sh: python app/initial_data.py")
 
 
+
+ENV_PY = "from alembic import context\n{imports}\n{assign}\n\ndef run():\n" \
+         "    context.configure(connection=None, {keyword})\n"
+
+
+@pytest.mark.parametrize(("imports", "assign", "keyword", "expected"), [
+    ("from app.models import Base", "", "target_metadata=Base.metadata", "models:app.models:Base"),
+    ("from app.models import SQLModel  # noqa", "target_metadata = SQLModel.metadata",
+     "target_metadata=target_metadata", "models:app.models:SQLModel"),
+    ("from app import models", "target_metadata = models.Base.metadata", "target_metadata=target_metadata",
+     "models:app.models:Base"),
+    ("import app.db.base", "target_metadata = app.db.base.Base.metadata", "", "models:app.db.base:Base"),
+    ("from app.db import metadata as md", "target_metadata = md", "target_metadata=target_metadata",
+     "models:app.db:metadata"),
+])
+def test_an_alembic_project_gets_heads_and_the_models_env_py_compares(
+        tmp_path: Path, imports: str, assign: str, keyword: str, expected: str) -> None:
+    found = plan(tree(tmp_path, {
+        "alembic.ini": "[alembic]\nscript_location = %(here)s/migrations\n",
+        "migrations/env.py": ENV_PY.format(imports=imports, assign=assign, keyword=keyword),
+    }))
+    assert lines(found)["pgshard_check"] == ["heads", expected]
+    assert evidence(found, "pgshard_check").startswith(
+        "alembic.ini: the template is built by Alembic migrations | migrations/env.py:")
+    assert [need for need in found.needs if "pgshard_check" in need] == []
+
+
+@pytest.mark.parametrize(("imports", "assign", "need"), [
+    ("", "target_metadata = None", None),
+    ("from .models import Base", "target_metadata = Base.metadata", "migrations/env.py:3: target_metadata = "
+     "Base.metadata (not read from an import of env.py's)"),
+    ("from app import a, b", "target_metadata = [a.metadata, b.metadata]", "migrations/env.py:3: target_metadata "
+     "= [a.metadata, b.metadata] (not read from an import of env.py's)"),
+])
+def test_an_env_py_whose_metadata_does_not_read_as_an_import_gets_heads_only(
+        tmp_path: Path, imports: str, assign: str, need: str | None) -> None:
+    found = plan(tree(tmp_path, {
+        "alembic.ini": "[alembic]\nscript_location = migrations\n",
+        "migrations/env.py": ENV_PY.format(imports=imports, assign=assign, keyword="target_metadata=target_metadata"),
+    }))
+    assert lines(found)["pgshard_check"] == ["heads"]
+    assert [n for n in found.needs if "pgshard_check" in n] == ([] if need is None else [
+        f"pgshard_check: add models:pkg.models:Base naming the metadata of {need}, to check the models against "
+        "the migrated template"])
+
 def test_a_makefile_target(tmp_path: Path) -> None:
     found = plan(tree(tmp_path, {"Makefile": "test:\n\tpython -m app.seed && pytest\n", "app/__init__.py": "",
                                  "app/seed.py": ""}))
@@ -204,7 +249,8 @@ def test_a_pyproject_table_is_made_only_when_no_config_exists_and_dry_run_writes
     import tomllib
 
     table = tomllib.loads((tmp_path / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]
-    assert table == {"pgshard_migrate": ["alembic:alembic.ini"], "pgshard_env": ["DATABASE_URL={url}"]}
+    assert table == {"pgshard_migrate": ["alembic:alembic.ini"], "pgshard_check": ["heads"],
+                     "pgshard_env": ["DATABASE_URL={url}"]}
 
 
 def test_replacing_keeps_every_other_line_of_the_section() -> None:

@@ -27,7 +27,7 @@ from pgshard.host import default_cache_dir, host_identity
 from pgshard.server import ServerLease, acquire
 from pgshard.server.base import ServerError
 from pgshard.server.embedded import EmbeddedServer
-from pgshard.settings import Settings, SettingsError, mask_url, resolve
+from pgshard.settings import OPTIONS, Settings, SettingsError, mask_url, resolve
 from pgshard.survey import (
     Target,
     describe,
@@ -293,7 +293,8 @@ def cmd_init(args: argparse.Namespace, settings: Settings) -> int:
     found = plan(root)
     where = f"{found.config.relative_to(root)} [{found.section}]"
     toml = found.config.suffix == ".toml"
-    rendered = configfile.render(toml, [(line.key, line.values) for line in found.lines])
+    line_lists = {option.ini for option in OPTIONS if option.kind == "lines" and option.ini}
+    rendered = configfile.render(toml, [(line.key, line.values) for line in found.lines], line_lists)
     text = found.config.read_text() if found.config.is_file() else ""
     if not found.lines:
         for need in found.needs:

@@ -10,25 +10,24 @@ import configparser
 import importlib
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
-
-LINE_LISTS = {"pgshard_migrate", "pgshard_env", "pgshard_redirect", "pgshard_fingerprint"}
 
 
 class ConfigFileError(ValueError):
     """The file cannot take the lines as asked (pgshard lines already there); the message says what to do."""
 
 
-def render(toml: bool, lines: Sequence[tuple[str, list[str]]]) -> list[str]:
-    """``key = value`` lines: TOML strings and arrays, or ini values and indented line lists."""
+def render(toml: bool, lines: Sequence[tuple[str, list[str]]], line_lists: Collection[str]) -> list[str]:
+    """``key = value`` lines: TOML strings and arrays, or ini values and indented line lists (the keys in
+    ``line_lists``: a TOML array even of one value, which pytest reads as a line list)."""
     out: list[str] = []
     for key, values in lines:
         if toml:
-            value = json.dumps(values) if key in LINE_LISTS else json.dumps(values[0])
+            value = json.dumps(values) if key in line_lists else json.dumps(values[0])
             out.append(f"{key} = {value}")
-        elif key in LINE_LISTS and len(values) > 1:
+        elif key in line_lists and len(values) > 1:
             out.append(f"{key} =")
             out += [f"    {value}" for value in values]
         else:

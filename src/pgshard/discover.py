@@ -1,7 +1,7 @@
 """What a project's own files say about how it reaches PostgreSQL: a project directory in, facts and the
 evidence for each out. No pytest, no imports of the project, no writes: the plugin asks it which driver
 ``{url}`` must carry and which ``pgshard_redirect`` glob covers a suite's own databases; ``pgshard init``
-builds its plan (init_plan.py) on these facts.
+builds its plan (init_plan.py) on these facts, among them the metadata an Alembic env.py compares.
 
 The driver comes first from a URL the project already has (its environment, ``.env``, ``alembic.ini``, the
 defaults of its settings module): that scheme is what production runs. Failing that, from the drivers its
@@ -10,6 +10,7 @@ dependencies declare (pyproject.toml, requirements files, setup.cfg), when they 
 
 from __future__ import annotations
 
+import ast
 import configparser
 import os
 import re
@@ -176,3 +177,70 @@ def redirect_globs(names: Sequence[str]) -> list[str]:
         if line not in lines:
             lines.append(line)
     return lines
+
+
+def script_location(ini: Path) -> str:
+    """An Alembic ini's ``script_location`` as written ("?" when it cannot be read)."""
+    parser = configparser.ConfigParser(interpolation=None)
+    try:
+        parser.read(ini)
+        return parser.get("alembic", "script_location", fallback="?")
+    except configparser.Error:
+        return "?"
+
+
+def env_metadata(ini: Path, root: Path) -> Evidence | None:
+    """The metadata an Alembic project's env.py gives autogenerate (its ``target_metadata``), as the
+    ``module:Name`` pgshard_check's ``models:`` line takes, resolved through env.py's own absolute imports
+    (``from app.models import Base`` ... ``Base.metadata``). None when env.py sets none (or None); a value of
+    "" when it sets one this reading cannot resolve (a relative import, a list, a call), the source says how."""
+    location = script_location(ini).replace("%(here)s", str(ini.parent))
+    env = (ini.parent / location / "env.py") if location != "?" and ":" not in location else None
+    if env is None or not env.is_file():
+        return None
+    try:
+        tree = ast.parse(env.read_bytes(), str(env))
+    except (SyntaxError, ValueError, OSError):
+        return None
+    imported: dict[str, str] = {}  # local name -> module path it names, "pkg.mod:Name" or "pkg.mod"
+    assigned: dict[str, ast.expr] = {}
+    given: ast.expr | None = None
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            for alias in node.names:
+                imported[alias.asname or alias.name] = f"{node.module}:{alias.name}"
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                imported[alias.asname or alias.name.split(".")[0]] = alias.name if alias.asname else \
+                    alias.name.split(".")[0]
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)) and node.value is not None:
+            for name_node in node.targets if isinstance(node, ast.Assign) else [node.target]:
+                if isinstance(name_node, ast.Name):
+                    assigned[name_node.id] = node.value
+        elif isinstance(node, ast.keyword) and node.arg == "target_metadata" and given is None:
+            given = node.value
+    value = given if given is not None else assigned.get("target_metadata")
+    for _ in range(3):  # target_metadata=target_metadata, target_metadata = metadata, ...
+        if isinstance(value, ast.Name) and value.id in assigned and value.id not in imported:
+            value = assigned[value.id]
+        else:
+            break
+    where = f"{env.relative_to(root)}:{getattr(value, 'lineno', '?')}"
+    if value is None or (isinstance(value, ast.Constant) and value.value is None):
+        return None
+    text = ast.unparse(value)
+    dotted = text[: -len(".metadata")] if text.endswith(".metadata") else text
+    head, _, rest = dotted.partition(".")
+    origin = imported.get(head)
+    if not all(part.isidentifier() for part in dotted.split(".")) or origin is None:
+        return Evidence("", f"{where}: target_metadata = {clip(text, 60)} (not read from an import of env.py's)")
+    module, _, name = origin.partition(":")
+    if rest:  # models.Base.metadata: the head is a module (or a package's module), the last part the object
+        *middle, last = rest.split(".")
+        module = ".".join([module, name, *middle] if name else [module, *middle])
+        target = f"{module}:{last}"
+    else:
+        target = f"{module}:{name}" if name else ""
+    if not target:
+        return Evidence("", f"{where}: target_metadata = {clip(text, 60)} (a module, not a metadata)")
+    return Evidence(target, f"{where}: target_metadata = {clip(text, 60)}, {dotted.split('.')[-1]} from {module}")

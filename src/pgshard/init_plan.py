@@ -7,14 +7,13 @@ no writes.
 from __future__ import annotations
 
 import ast
-import configparser
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pgshard.discover import Evidence, clip, file_lines, redirect_globs, url_driver, walk
+from pgshard.discover import Evidence, clip, env_metadata, file_lines, redirect_globs, script_location, url_driver, walk
 
 
 @dataclass
@@ -324,6 +323,20 @@ def config_file(root: Path) -> tuple[Path, str, bool]:
     return root / "pytest.ini", "pytest", False
 
 
+def _checks(root: Path, ini: Path, needs: list[str]) -> Line:
+    """pgshard_check for an Alembic project: ``heads`` always, ``models:`` when env.py's target_metadata reads
+    as an import (downgrade is left to the user: it runs every revision's downgrade, a cost to choose)."""
+    checks, evidence = ["heads"], [f"{ini.relative_to(root)}: the template is built by Alembic migrations"]
+    target = env_metadata(ini, root)
+    if target is not None and target.value:
+        checks.append(f"models:{target.value}")
+        evidence.append(target.source)
+    elif target is not None:
+        needs.append(f"pgshard_check: add models:pkg.models:Base naming the metadata of {target.source}, to "
+                     "check the models against the migrated template")
+    return Line("pgshard_check", checks, evidence)
+
+
 def plan(root: Path) -> Plan:
     """Every pgshard line this project needs, with its evidence; what it cannot decide goes to ``needs``."""
     root = root.resolve()
@@ -341,7 +354,7 @@ def plan(root: Path) -> Plan:
     if alembic_inis:
         ini = alembic_inis[0]
         steps.append(f"alembic:{ini.relative_to(root)}")
-        evidence.append(f"{ini.relative_to(root)} (script_location {_script_location(ini)})")
+        evidence.append(f"{ini.relative_to(root)} (script_location {script_location(ini)})")
         evidence += [e.source for e in commands if e.value == "alembic"][:1]
     for command in commands:
         step = _seed_command(root, command.value) if command.value != "alembic" else None
@@ -350,6 +363,8 @@ def plan(root: Path) -> Plan:
             evidence.append(command.source)
     if steps:
         lines.append(Line("pgshard_migrate", steps, evidence))
+    if alembic_inis:
+        lines.append(_checks(root, alembic_inis[0], needs))
     else:
         needs.append("no Alembic config nor migration command found: add pgshard_migrate (alembic:, metadata:"
                      "pkg.models:Base, sql:dir/, command:...) unless the suite builds its schema itself")
@@ -398,11 +413,3 @@ def plan(root: Path) -> Plan:
                      "rolled-back requests; the suite commits for real on its worker's own clone instead")
     return Plan(config, section, exists, lines, needs)
 
-
-def _script_location(ini: Path) -> str:
-    parser = configparser.ConfigParser(interpolation=None)
-    try:
-        parser.read(ini)
-        return parser.get("alembic", "script_location", fallback="?")
-    except configparser.Error:
-        return "?"

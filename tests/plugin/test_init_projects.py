@@ -14,6 +14,7 @@ import pytest
 
 PROJECTS = Path(__file__).parents[1] / "projects"
 SUITES = {"shared_db": 34, "from_parts": 9}  # every test of each suite (shared_db: as many as its serial run)
+CHECKS = {"shared_db": "heads", "from_parts": "heads, models"}  # from_parts' env.py names its metadata
 
 
 def _digest(root: Path, skip: str) -> dict[str, str]:
@@ -43,3 +44,4 @@ def test_pgshard_init_then_pytest_n2_passes_the_whole_suite(pytester: pytest.Pyt
     result = pytester.runpytest_subprocess("-p", "no:randomly", "-p", "no:cacheprovider", "-n", "2")
     result.assert_outcomes(passed=SUITES[name])
     result.stdout.fnmatch_lines(["*clone per worker (*): gw0 *, gw1 *"])
+    result.stdout.fnmatch_lines([f"*template * built in *, checks {CHECKS[name]} passed in * s*"])
