@@ -22,13 +22,14 @@ from sqlalchemy.engine import make_url
 
 from pgshard import redirect
 from pgshard.admin import Admin, Marker
+from pgshard.alembic_project import alembic_targets
 from pgshard.build import apply_steps, build_name
 from pgshard.lockfile import CoordinatorLock, LockError
 from pgshard.migrate import MigrationError, Migrator, Watch, sha, watching
 from pgshard.server.base import ServerError, ServerInfo
 from pgshard.settings import SettingsError, database_url, env_assignments, placeholders
 from pgshard.verify import LABEL as CHECK_LABEL
-from pgshard.verify import CheckRun, alembic_targets, cached_error, findings_of, post_build, read_report
+from pgshard.verify import CheckRun, cached_error, findings_of, post_build, read_report
 from pgshard.version import __version__
 
 

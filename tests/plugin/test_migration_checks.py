@@ -16,8 +16,9 @@ import pytest
 
 from benchmarks import migration_history
 from pgshard.admin import Marker
+from pgshard.alembic_project import AlembicTarget
 from pgshard.host import pid_alive
-from pgshard.verify import AlembicTarget, heads
+from pgshard.verify import heads
 
 ALL_CHECKS = "heads\n    models:app.models:Base\n    downgrade"
 TEST = "def test_t5_is_there(db_session):\n    from sqlalchemy import text\n" \
