@@ -20,16 +20,15 @@ classes (so engines built before or after, sync or the ``sync_engine`` of an asy
   target it was made for; one made for an earlier target is never handed out again (the documented
   DisconnectionError makes the pool reconnect), and idle ones are closed when the target changes.
 
-This module imports only the settings layer: the lifecycle (which creates and drops databases through
+The text of it (the names, the DDL pattern, the statements it answers with) is redirect_sql.py's. This
+module imports only the settings layer and that: the lifecycle (which creates and drops databases through
 admin.Admin) is handed in by the run, so the layering stays downward.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 import os
-import re
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -40,7 +39,8 @@ from sqlalchemy import event, exc
 from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.pool import ConnectionPoolEntry, Pool
 
-from pgshard.settings import mask_url, passfile_passwords, url_endpoint
+from pgshard.redirect_sql import DDL, Names, ask_about_target, identifier, is_glob, raise_sql
+from pgshard.settings import passfile_passwords, url_endpoint
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine
@@ -66,8 +66,6 @@ _REDIRECTED = "pgshard_redirected"  # ConnectionPoolEntry.info: this connection'
 _ON = "pgshard_on"  # ConnectionPoolEntry.info: the database a rewritten connection was made to
 _ROUTING_KEYS = ("host", "hostaddr", "port", "user", "password", "service", "passfile", "sslmode", "sslcert",
                  "sslkey", "sslrootcert", "sslcrl", "sslpassword", "ssl", "dsn")
-_DDL = re.compile(r"""^\s*(?P<verb>create|drop)\s+database\s+(?P<if>if\s+exists\s+)?
-                      (?P<name>"(?:[^"]|"")+"|[a-z_][a-z0-9_$]*)""", re.I | re.X)
 
 
 class DatabaseLifecycle(Protocol):
@@ -78,37 +76,6 @@ class DatabaseLifecycle(Protocol):
 
     def drop_database(self, name: str) -> bool:
         """Drop our database ``name``; False when it does not exist."""
-
-
-class Names:
-    """``pgshard_redirect``'s lines: exact names and shell-style globs (``test_db_*``, ``app_[0-9]``), matched
-    against a whole database name; false when there are none."""
-
-    def __init__(self, lines: Iterable[str] = ()) -> None:
-        lines = [line for line in lines if line]
-        self.exact = frozenset(line for line in lines if not is_glob(line))
-        self.globs = tuple(line for line in lines if is_glob(line))
-        self._pattern = re.compile("|".join(fnmatch.translate(g) for g in self.globs)) if self.globs else None
-
-    def __contains__(self, name: object) -> bool:
-        if not isinstance(name, str):
-            return False
-        return name in self.exact or (self._pattern is not None and self._pattern.match(name) is not None)
-
-    def __bool__(self) -> bool:
-        return bool(self.exact or self.globs)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(sorted(self.exact) + list(self.globs))
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Names) and (self.exact, self.globs) == (other.exact, other.globs)
-
-    __hash__ = None  # type: ignore[assignment]
-
-
-def is_glob(line: str) -> bool:
-    return any(char in line for char in "*?[")
 
 
 @dataclass
@@ -369,26 +336,12 @@ def _release_idle() -> None:
 
 
 # -- statements ----------------------------------------------------------------------------------------------
-def _identifier(raw: str) -> str:
-    return raw[1:-1].replace('""', '"') if raw.startswith('"') else raw.lower()
-
-
-def _raise_sql(sqlstate: str, message: str, unless: str | None = None) -> str:
-    """A statement that fails on the server with PostgreSQL's own kind of error, so the app sees the usual
-    DBAPI exception (wrapped by SQLAlchemy) rather than something raised from inside an event; with
-    ``unless`` (an SQL condition), only when that condition is false on the server."""
-    text = mask_url(message).replace("'", "''").replace("%", "").replace("$", "")  # no paramstyle/quote clash
-    raise_ = f"RAISE EXCEPTION '{text}' USING ERRCODE = '{sqlstate}';"
-    body = raise_ if unless is None else f"IF NOT ({unless}) THEN {raise_} END IF;"
-    return f"DO $pgshard$ BEGIN {body} END $pgshard$"
-
-
 def _ddl(verb: str, name: str, if_exists: bool, on: str | None) -> str:
     """The app's CREATE/DROP DATABASE of redirected ``name``, issued on a connection to database ``on``."""
     target = _state.target
     lifecycle = _state.lifecycle
     if target is None or lifecycle is None or not target.database:
-        return _raise_sql("55000", f"pgshard: {verb.upper()} DATABASE {name} is redirected by pgshard_redirect, "
+        return raise_sql("55000", f"pgshard: {verb.upper()} DATABASE {name} is redirected by pgshard_redirect, "
                                    "but this process has no database of its own to act on")
     ours = target.database
     if on == ours:
@@ -399,7 +352,7 @@ def _ddl(verb: str, name: str, if_exists: bool, on: str | None) -> str:
         # pgshard made (its ownership comment, checked on the server: this module knows no Admin).
         marked = ("left(coalesce(shobj_description((SELECT oid FROM pg_database WHERE datname = current_database()), "
                   "'pg_database'), ''), 8) = 'pgshard:'")
-        return _raise_sql("55000", f"pgshard: {ours} (where {name} is redirected) was not created by pgshard: it "
+        return raise_sql("55000", f"pgshard: {ours} (where {name} is redirected) was not created by pgshard: it "
                                    "never acts on it", unless=marked)
     try:
         if verb.lower() == "drop":
@@ -408,11 +361,11 @@ def _ddl(verb: str, name: str, if_exists: bool, on: str | None) -> str:
                 _state.generation += 1  # connections to the dropped database are gone: never hand them out
             _release_idle()
             if not done and not if_exists:
-                return _raise_sql("3D000", f'database "{name}" does not exist (pgshard: redirected to {ours})')
+                return raise_sql("3D000", f'database "{name}" does not exist (pgshard: redirected to {ours})')
         elif not lifecycle.create_database(ours):
-            return _raise_sql("42P04", f'database "{name}" already exists (pgshard: redirected to {ours})')
+            return raise_sql("42P04", f'database "{name}" already exists (pgshard: redirected to {ours})')
     except Exception as error:  # one line in the app's own error path, not a traceback from an event
-        return _raise_sql("55000", f"pgshard: {verb.upper()} DATABASE {name} (redirected to {ours}) failed: "
+        return raise_sql("55000", f"pgshard: {verb.upper()} DATABASE {name} (redirected to {ours}) failed: "
                                    f"{' '.join(str(error).split())}")
     return "SELECT 1"
 
@@ -422,25 +375,12 @@ def _on_execute(conn: Any, cursor: Any, statement: str, parameters: Any, context
     names = _state.names
     if not names:
         return statement, parameters
-    ddl = _DDL.match(statement)
+    ddl = DDL.match(statement)
     if ddl is not None:
-        name = _identifier(ddl["name"])
+        name = identifier(ddl["name"])
         if name in names:  # on any connection: a redirected name is never created or dropped anywhere else
             on = conn.info.get(_ON) if conn.info.get(_REDIRECTED) else conn.engine.url.database
             return _ddl(ddl["verb"], name, bool(ddl["if"]), on), parameters
     if "pg_database" in statement and _state.target is not None and conn.info.get(_REDIRECTED):
-        statement, parameters = _ask_about_target(statement, parameters, names, _state.target.database or "")
-    return statement, parameters
-
-
-_LITERAL = re.compile(r"'((?:[^']|'')*)'")
-
-
-def _ask_about_target(statement: str, parameters: Any, names: Names, ours: str) -> tuple[str, Any]:
-    """``SELECT 1 FROM pg_database WHERE datname='app_test'`` asks about our database instead."""
-    statement = _LITERAL.sub(lambda m: f"'{ours}'" if m[1] in names else m[0], statement)
-    if isinstance(parameters, dict):
-        parameters = {k: ours if v in names else v for k, v in parameters.items()}
-    elif isinstance(parameters, (list, tuple)) and parameters and not isinstance(parameters[0], (list, tuple, dict)):
-        parameters = type(parameters)(ours if v in names else v for v in parameters)
+        statement, parameters = ask_about_target(statement, parameters, names, _state.target.database or "")
     return statement, parameters
