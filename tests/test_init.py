@@ -140,6 +140,7 @@ def test_a_makefile_target(tmp_path: Path) -> None:
                                  "app/seed.py": ""}))
     assert lines(found)["pgshard_migrate"] == ["command:python -m app.seed"]
     assert evidence(found, "pgshard_migrate") == "Makefile: python -m app.seed"
+    assert "pgshard_check" not in lines(found) and not any("pgshard_migrate" in need for need in found.needs)
 
 
 def test_a_ci_workflow_step_and_a_compose_command(tmp_path: Path) -> None:

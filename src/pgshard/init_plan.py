@@ -363,11 +363,11 @@ def plan(root: Path) -> Plan:
             evidence.append(command.source)
     if steps:
         lines.append(Line("pgshard_migrate", steps, evidence))
-    if alembic_inis:
-        lines.append(_checks(root, alembic_inis[0], needs))
     else:
         needs.append("no Alembic config nor migration command found: add pgshard_migrate (alembic:, metadata:"
                      "pkg.models:Base, sql:dir/, command:...) unless the suite builds its schema itself")
+    if alembic_inis:
+        lines.append(_checks(root, alembic_inis[0], needs))
 
     urls, parts = _settings_names(root, trees)
     env: list[str] = []
