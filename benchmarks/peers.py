@@ -105,7 +105,7 @@ def _npm_install(directory: Path) -> str | None:
 SHARED = ("pytest", "pytest-asyncio", "SQLAlchemy", "psycopg", "psycopg-binary", "pytest-xdist")
 
 
-def _harness_pins(work_dir: Path) -> Path:
+def _harness_pins(venv: Path) -> Path:
     """A constraints file pinning SHARED to the harness's own versions: on a pytest 7.4 floor a peer's newest
     release that needs pytest 9 would otherwise install pytest 9 into the peers venv, ahead of the harness's
     plugins, and every peer run would break; pip picks the peer's newest release that fits instead, or none."""
@@ -115,7 +115,7 @@ def _harness_pins(work_dir: Path) -> Path:
     for dist in SHARED:
         with contextlib.suppress(metadata.PackageNotFoundError):
             pins.append(f"{dist}=={metadata.version(dist)}")
-    path = work_dir / "peer-constraints.txt"  # work_dir: this harness's own peers venv
+    path = venv / "peer-constraints.txt"  # in this harness's own peers venv
     path.write_text("\n".join(pins) + "\n")
     return path
 

@@ -69,7 +69,7 @@ def on_given_database(bind: Any, url: str, check: str) -> None:
 
 
 def run_env_with(target: AlembicTarget, config: Any, script: Any, fn: Callable[[Any, Any], list[Any]],
-             destination: str) -> None:
+                 destination: str) -> None:
     """The project's env.py, run online with ``fn`` choosing the steps."""
     from alembic.runtime.environment import EnvironmentContext
 

@@ -189,13 +189,28 @@ def script_location(ini: Path) -> str:
         return "?"
 
 
+def alembic_script_dir(ini: Path) -> Path | None:
+    """An Alembic ini's script directory, read without importing Alembic (``%(here)s`` is the ini's own
+    directory); None when it names none, or a ``package:path`` resource, which only Alembic resolves. An ini
+    that cannot be read raises configparser's error."""
+    parser = configparser.ConfigParser(defaults={"here": str(ini.parent)})
+    parser.read(ini)
+    location = parser.get("alembic", "script_location", fallback="")
+    if location and ":" not in location.replace(str(ini.parent), ""):
+        return (ini.parent / location).resolve()
+    return None
+
+
 def env_metadata(ini: Path, root: Path) -> Evidence | None:
     """The metadata an Alembic project's env.py gives autogenerate (its ``target_metadata``), as the
     ``module:Name`` pgshard_check's ``models:`` line takes, resolved through env.py's own absolute imports
     (``from app.models import Base`` ... ``Base.metadata``). None when env.py sets none (or None); a value of
     "" when it sets one this reading cannot resolve (a relative import, a list, a call), the source says how."""
-    location = script_location(ini).replace("%(here)s", str(ini.parent))
-    env = (ini.parent / location / "env.py") if location != "?" and ":" not in location else None
+    try:
+        directory = alembic_script_dir(ini)
+    except configparser.Error:
+        return None
+    env = directory / "env.py" if directory is not None else None
     if env is None or not env.is_file():
         return None
     try:
@@ -225,7 +240,7 @@ def env_metadata(ini: Path, root: Path) -> Evidence | None:
             value = assigned[value.id]
         else:
             break
-    where = f"{env.relative_to(root)}:{getattr(value, 'lineno', '?')}"
+    where = f"{env.relative_to(root) if env.is_relative_to(root) else env}:{getattr(value, 'lineno', '?')}"
     if value is None or (isinstance(value, ast.Constant) and value.value is None):
         return None
     text = ast.unparse(value)

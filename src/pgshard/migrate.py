@@ -212,14 +212,12 @@ class AlembicMigrator:
     def _script_dir(self) -> Path:
         """script_location read straight from the ini: importing Alembic costs ~0.1 s, which a warm run
         (schema unchanged, template cached) would otherwise pay just to hash files."""
-        import configparser
+        from pgshard.discover import alembic_script_dir
 
-        parser = configparser.ConfigParser(defaults={"here": str(self.ini.parent)})
-        parser.read(self.ini)
-        location = parser.get("alembic", "script_location", fallback="")
-        if location and ":" not in location.replace(str(self.ini.parent), ""):  # not a package:path resource
-            return (self.ini.parent / location).resolve()
-        from alembic.script import ScriptDirectory
+        found = alembic_script_dir(self.ini)
+        if found is not None:
+            return found
+        from alembic.script import ScriptDirectory  # a package:path resource
 
         with chdir(self.ini.parent):
             return Path(ScriptDirectory.from_config(self._config()).dir)
