@@ -342,7 +342,7 @@ def _ddl(verb: str, name: str, if_exists: bool, on: str | None) -> str:
     lifecycle = _state.lifecycle
     if target is None or lifecycle is None or not target.database:
         return raise_sql("55000", f"pgshard: {verb.upper()} DATABASE {name} is redirected by pgshard_redirect, "
-                                   "but this process has no database of its own to act on")
+                                  "but this process has no database of its own to act on")
     ours = target.database
     if on == ours:
         # Issued on a connection to the very database it stands for (a suite whose "maintenance" URL is the
@@ -353,7 +353,7 @@ def _ddl(verb: str, name: str, if_exists: bool, on: str | None) -> str:
         marked = ("left(coalesce(shobj_description((SELECT oid FROM pg_database WHERE datname = current_database()), "
                   "'pg_database'), ''), 8) = 'pgshard:'")
         return raise_sql("55000", f"pgshard: {ours} (where {name} is redirected) was not created by pgshard: it "
-                                   "never acts on it", unless=marked)
+                                  "never acts on it", unless=marked)
     try:
         if verb.lower() == "drop":
             done = lifecycle.drop_database(ours)
@@ -366,7 +366,7 @@ def _ddl(verb: str, name: str, if_exists: bool, on: str | None) -> str:
             return raise_sql("42P04", f'database "{name}" already exists (pgshard: redirected to {ours})')
     except Exception as error:  # one line in the app's own error path, not a traceback from an event
         return raise_sql("55000", f"pgshard: {verb.upper()} DATABASE {name} (redirected to {ours}) failed: "
-                                   f"{' '.join(str(error).split())}")
+                                  f"{' '.join(str(error).split())}")
     return "SELECT 1"
 
 
